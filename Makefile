@@ -1,0 +1,35 @@
+# The handful of verbs people use. `make demo` and `make test` run `setup` first, so each is one
+# command on a fresh machine.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: setup demo test test-all lint format bench clean
+
+setup: $(STAMP)
+
+$(STAMP): requirements.txt requirements-assets.txt scripts/setup.sh
+	bash scripts/setup.sh $(PY) $(VENV)
+	touch $(STAMP)
+
+demo: setup
+	$(BIN)/python train.py experiment=avsr_decorr
+
+test: setup
+	$(BIN)/python -m pytest -q tests
+
+test-all: setup
+	$(BIN)/python -m pytest -q tests -m "slow or not slow"
+
+lint: setup
+	$(BIN)/ruff check . && $(BIN)/ruff format --check .
+
+format: setup
+	$(BIN)/ruff format . && $(BIN)/ruff check --fix .
+
+bench:
+	@echo "GPU benchmark: see benchmarks/README.md (runs on an H200 through the device tool)"
+
+clean:
+	rm -rf outputs .pytest_cache
