@@ -1,0 +1,76 @@
+"""The contract between a recipe and the auxiliary objectives it composes.
+
+A recipe (causal LM or AVSR) owns the model and the data; an `Objective` turns what one forward pass
+produced into one scalar. Objectives are instantiated from `conf/objective/<name>.yaml` into a dict
+`{name: Objective}`; `objective=[decorr,adl]` switches on both. The recipe asks the model only for what
+the active objectives need:
+
+- `needs_hidden_states`: run the LLM with `output_hidden_states=True`;
+- `attention_layers(num_layers)`: layers whose post-RoPE queries/keys are captured (fused attention kept,
+  see `models/attention_capture.py`); None = no capture;
+- `setup(model, tokenizer)`: called once before LoRA is applied (e.g. MEAP adds `[MASK]`); returns token ids
+  whose embedding rows must stay trainable under LoRA;
+- `transform_batch(batch, generator)`: rewrite a training batch before the forward pass (e.g. MEAP masking);
+- `loss(ctx)`: the unweighted loss; the recipe logs `train/loss_<name>` (unweighted) and
+  `train/loss_<name>_weighted`, and adds `weight_at(step) * loss` to the total.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from models.attention_capture import CapturedQueryKey
+
+
+@dataclass
+class ObjectiveContext:
+    """What one forward pass produced, as seen by objectives.
+
+    batch: the (possibly transformed) batch; always has `attention_mask` [B,T] and `labels` [B,T]
+        (-100 = no target; HF shifts internally), `input_ids` [B,T] for text recipes, and for AVSR
+        `segments` [B,T] long (see `recipes/segments.py`).
+    logits: [B,T,V] student logits.
+    hidden_states: HF tuple of L+1 tensors [B,T,D] (index 0 = embeddings, L = final normed state) or None.
+    attention: layer index -> captured query [B,H,T,hd] / key [B,KV,T,hd].
+    model: the (PEFT-wrapped) LLM, e.g. for a teacher-free objective that needs config.
+    step: global optimisation step (for schedules).
+    """
+
+    batch: dict
+    logits: torch.Tensor
+    hidden_states: tuple[torch.Tensor, ...] | None = None
+    attention: dict[int, CapturedQueryKey] = field(default_factory=dict)
+    model: torch.nn.Module | None = None
+    step: int = 0
+
+
+class Objective:
+    """Base class; subclasses override what they need. `weight` may warm up linearly over steps."""
+
+    name: str = "objective"
+    needs_hidden_states: bool = False
+
+    def __init__(self, weight: float = 1.0, warmup_steps: int = 0):
+        if weight < 0:
+            raise ValueError(f"{self.name}: weight must be >= 0, got {weight}")
+        self.weight = float(weight)
+        self.warmup_steps = int(warmup_steps)
+
+    def weight_at(self, step: int) -> float:
+        if self.warmup_steps <= 0:
+            return self.weight
+        return self.weight * min(1.0, (step + 1) / self.warmup_steps)
+
+    def attention_layers(self, num_layers: int) -> list[int] | None:
+        return None
+
+    def setup(self, model: torch.nn.Module, tokenizer) -> list[int]:
+        return []
+
+    def transform_batch(self, batch: dict, generator: torch.Generator | None) -> dict:
+        return batch
+
+    def loss(self, ctx: ObjectiveContext) -> torch.Tensor:
+        raise NotImplementedError
