@@ -1,0 +1,81 @@
+"""LightningDataModule for text: SFT (JSONL) or language modelling (plain text)."""
+
+from __future__ import annotations
+
+import logging
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader, Subset
+
+from data.text.collate import PadCollator
+from data.text.datasets import SFTDataset, TextCorpusDataset
+
+log = logging.getLogger(__name__)
+
+FORMATS = {"sft": SFTDataset, "lm": TextCorpusDataset}
+
+
+class TextDataModule(L.LightningDataModule):
+    """Args:
+    train_file: JSONL (format=sft) or plain text (format=lm).
+    val_file: optional; otherwise `val_fraction` of the training rows is held out (seeded).
+    prepare: optional callable run once before reading (e.g. the demo corpus builder).
+    The tokenizer comes from the recipe through `connect_tokenizer` (train.py calls it).
+    """
+
+    def __init__(self, train_file: str, val_file: str | None = None, format: str = "sft",
+                 max_length: int = 512, batch_size: int = 8, eval_batch_size: int | None = None,
+                 val_fraction: float = 0.05, num_workers: int = 0, strict: bool = False, seed: int = 0,
+                 prepare=None):
+        super().__init__()
+        if format not in FORMATS:
+            raise ValueError(f"data.format must be one of {sorted(FORMATS)}, got {format!r}")
+        self.train_file, self.val_file, self.format = train_file, val_file, format
+        self.max_length, self.batch_size = max_length, batch_size
+        self.eval_batch_size = eval_batch_size or batch_size
+        self.val_fraction, self.num_workers, self.strict, self.seed = val_fraction, num_workers, strict, seed
+        self.prepare = prepare
+        self.tokenizer = None
+        self.train_set = self.val_set = None
+
+    def connect_tokenizer(self, tokenizer) -> None:
+        self.tokenizer = tokenizer
+
+    def prepare_data(self) -> None:
+        if self.prepare is not None:
+            self.prepare()
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_set is not None:
+            return
+        if self.tokenizer is None:
+            raise RuntimeError("TextDataModule needs a tokenizer: call connect_tokenizer(tokenizer) first")
+        dataset_cls = FORMATS[self.format]
+        kwargs = {"max_length": self.max_length, "strict": self.strict}
+        train = dataset_cls(self.train_file, self.tokenizer, config_key="data.train_file", **kwargs)
+        self.skip_reports = [train.report]
+        if self.val_file:
+            self.train_set = train
+            self.val_set = dataset_cls(self.val_file, self.tokenizer, config_key="data.val_file", **kwargs)
+            self.skip_reports.append(self.val_set.report)
+        else:
+            order = torch.randperm(len(train), generator=torch.Generator().manual_seed(self.seed)).tolist()
+            n_val = max(1, int(len(train) * self.val_fraction))
+            self.train_set, self.val_set = Subset(train, order[n_val:]), Subset(train, order[:n_val])
+        self.num_truncated = train.num_truncated
+        self.num_skipped = sum(len(r) for r in self.skip_reports)
+
+    def _loader(self, dataset, batch_size: int, shuffle: bool) -> DataLoader:
+        return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, num_workers=self.num_workers,
+                          collate_fn=PadCollator(self.tokenizer.pad_token_id),
+                          persistent_workers=self.num_workers > 0)
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train_set, self.batch_size, shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.val_set, self.eval_batch_size, shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self.val_dataloader()

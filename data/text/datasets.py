@@ -1,0 +1,69 @@
+"""Text datasets: JSONL instruction/chat data (SFT) and plain-text corpora (language modelling)."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from torch.utils.data import Dataset
+
+from data.text.jsonl import SkipReport, read_jsonl
+from data.text.sft import tokenize_chat, to_messages
+
+log = logging.getLogger(__name__)
+
+
+class SFTDataset(Dataset):
+    """Chat-templated examples; prompt labels -100. Bad rows are skipped and counted in `report`."""
+
+    def __init__(self, path, tokenizer, max_length: int, strict: bool = False, config_key: str = "data.train_file"):
+        rows, self.report = read_jsonl(path, strict=strict, config_key=config_key)
+        self.examples, self.num_truncated = [], 0
+        for row in rows:
+            try:
+                example = tokenize_chat(tokenizer, to_messages(row), max_length)
+            except ValueError as err:
+                if strict:
+                    raise ValueError(f"{path}:{row['_line']}: {err}") from err
+                self.report.add(row["_line"], str(err))
+                continue
+            if all(label == -100 for label in example.labels):
+                self.report.add(row["_line"], f"no answer token left after truncation to {max_length}")
+                continue
+            self.num_truncated += example.truncated
+            self.examples.append({"input_ids": example.input_ids, "labels": example.labels})
+        if not self.examples:
+            raise ValueError(f"no usable example in {path} ({self.report.summary()})")
+        if self.num_truncated:
+            log.info("%s: %d example(s) truncated to %d tokens", path, self.num_truncated, max_length)
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def __getitem__(self, index: int) -> dict:
+        return self.examples[index]
+
+
+class TextCorpusDataset(Dataset):
+    """A plain-text file cut into blocks of `max_length` tokens; every token is a target."""
+
+    def __init__(self, path, tokenizer, max_length: int, config_key: str = "data.train_file", **_):
+        path = Path(path)
+        if not path.exists():
+            raise FileNotFoundError(f"data file {str(path)!r} does not exist (config key `{config_key}`)")
+        ids = tokenizer(path.read_text(encoding="utf-8"), add_special_tokens=False)["input_ids"]
+        bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+        block = max_length - len(bos)
+        if len(ids) < 2:
+            raise ValueError(f"{path} holds no text (config key `{config_key}`)")
+        self.examples = [bos + ids[i : i + block] for i in range(0, len(ids) - 1, block)]
+        self.examples = [e for e in self.examples if len(e) > 1 + len(bos)]
+        self.report = SkipReport(str(path))
+        self.num_truncated = 0
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def __getitem__(self, index: int) -> dict:
+        ids = self.examples[index]
+        return {"input_ids": ids, "labels": list(ids)}

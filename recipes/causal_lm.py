@@ -1,0 +1,121 @@
+"""LoRA fine-tuning of a causal LM with composable sink-mitigating objectives."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping
+from pathlib import Path
+
+import lightning as L
+import torch
+from torchmetrics import MeanMetric
+
+from models.attention_capture import disable_capture
+from models.lora import apply_lora, count_parameters, set_trainable
+from recipes import segments as seg
+from recipes.objectives.base import Objective
+from recipes.objectives.compose import ObjectiveSet, total_loss
+from recipes.optim import configure_optimizers
+
+log = logging.getLogger(__name__)
+
+
+class CausalLMRecipe(L.LightningModule):
+    """Args:
+    backbone: callable returning (model, tokenizer) (a Hydra `_partial_` node, e.g. the SmolLM2 GGUF).
+    lora: kwargs of `models.lora.apply_lora`, or None for full fine-tuning of what `trainable` allows.
+    objectives: {name: Objective} from `conf/objective/` (empty = plain CE).
+    optimizer / scheduler: partials (`torch.optim.AdamW`, `recipes.optim.warmup_cosine`).
+    ce_weight: weight of the next-token CE (0 for pure distillation, e.g. LeaF).
+    trainable: {"freeze": [regex], "unfreeze": [regex]} applied after LoRA.
+    gradient_checkpointing: trade compute for activation memory.
+    seed: seeds objective randomness per step (MEAP masks, ADL row samples), so resumes match.
+    """
+
+    def __init__(self, backbone: Callable, optimizer: Callable, scheduler: Callable | None = None,
+                 lora: Mapping | None = None, objectives: Mapping[str, Objective] | None = None,
+                 ce_weight: float = 1.0, trainable: Mapping | None = None,
+                 gradient_checkpointing: bool = False, seed: int = 0):
+        super().__init__()
+        self.save_hyperparameters(ignore=["backbone", "optimizer", "scheduler", "objectives"])
+        self.objectives = ObjectiveSet(objectives)
+        llm, self.tokenizer = backbone()
+        extra_tokens = self.objectives.setup(llm, self.tokenizer)
+        if lora is not None:
+            llm = apply_lora(llm, trainable_token_indices=extra_tokens, **lora)
+        if trainable:
+            set_trainable(llm, trainable.get("freeze", []), trainable.get("unfreeze", []))
+        if gradient_checkpointing:
+            llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            if hasattr(llm, "enable_input_require_grads"):
+                llm.enable_input_require_grads()
+        self.llm = llm
+        self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
+        self.ce_weight, self.seed = ce_weight, seed
+        self.val_loss = MeanMetric()
+        self.strict_loading = False  # checkpoints hold only the trainable weights
+        trainable_count, total = count_parameters(llm)
+        log.info("parameters: %s trainable of %s (%.3f%%)", f"{trainable_count:,}", f"{total:,}",
+                 100 * trainable_count / max(1, total))
+
+    # ---- steps -----------------------------------------------------------------------------------
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        batch = self.objectives.transform_batch(batch, self.global_step, self.seed)
+        inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "labels")}
+        outputs, ctx = self.objectives.forward(self.llm, inputs, batch, self.global_step)
+        total, logs = total_loss(outputs.loss, self.objectives.losses(ctx), self.ce_weight)
+        batch_size = batch["input_ids"].shape[0]
+        self.log("train/loss", logs.pop("loss"), prog_bar=True, batch_size=batch_size)
+        self.log_dict({f"train/{k}": v for k, v in logs.items()}, batch_size=batch_size)
+        return total
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        outputs = self.llm(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                           labels=batch["labels"])
+        tokens = (batch["labels"][:, 1:] != -100).sum()
+        self.val_loss.update(outputs.loss.detach(), weight=tokens)
+
+    def on_validation_epoch_end(self) -> None:
+        loss = self.val_loss.compute()  # token-weighted, synced across ranks
+        self.val_loss.reset()
+        self.log("val/loss", loss, prog_bar=True, sync_dist=False)
+        self.log("val/perplexity", torch.exp(loss.clamp(max=30)), sync_dist=False)
+
+    def configure_optimizers(self):
+        return configure_optimizers(self, self.optimizer_factory, self.scheduler_factory)
+
+    # ---- checkpoints: only trainable weights ------------------------------------------------------
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        trainable = {f"llm.{n}" for n, p in self.llm.named_parameters() if p.requires_grad}
+        state = checkpoint["state_dict"]
+        checkpoint["state_dict"] = {k: v for k, v in state.items() if k in trainable}
+
+    # ---- diagnostics contract (diagnostics/callback.py) ------------------------------------------
+    def sink_probe_inputs(self, batch: dict) -> tuple[dict, torch.Tensor]:
+        """LLM inputs and segment ids [B,T] (BOS / PROMPT / TARGET / PAD) for one validation batch."""
+        mask = batch["attention_mask"].bool()
+        segments = torch.where(batch["labels"] != -100, seg.TARGET, seg.PROMPT)
+        segments = torch.where(mask, segments, torch.full_like(segments, seg.PAD))
+        segments[:, 0] = torch.where(mask[:, 0], seg.BOS, seg.PAD)
+        return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}, segments
+
+    # ---- export ----------------------------------------------------------------------------------
+    def export(self, run_dir: str | Path, merged: bool = False) -> dict[str, str]:
+        """Save the adapter in PEFT format (`adapter/`), the tokenizer, and optionally a merged model."""
+        run_dir = Path(run_dir)
+        disable_capture(self.llm)
+        paths = {}
+        if hasattr(self.llm, "peft_config"):
+            self.llm.save_pretrained(run_dir / "adapter")
+            self.tokenizer.save_pretrained(run_dir / "adapter")
+            paths["adapter"] = str(run_dir / "adapter")
+            if merged:
+                merged_model = self.llm.merge_and_unload()
+                merged_model.save_pretrained(run_dir / "merged")
+                self.tokenizer.save_pretrained(run_dir / "merged")
+                paths["merged"] = str(run_dir / "merged")
+        else:
+            self.llm.save_pretrained(run_dir / "model")
+            self.tokenizer.save_pretrained(run_dir / "model")
+            paths["model"] = str(run_dir / "model")
+        return paths

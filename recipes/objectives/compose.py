@@ -1,0 +1,84 @@
+"""Compose auxiliary objectives around one LLM forward pass (shared by every recipe)."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Mapping
+
+import torch
+
+from models.attention_capture import QueryKeyCapture
+from recipes.objectives.base import Objective, ObjectiveContext
+
+
+def num_decoder_layers(llm: torch.nn.Module) -> int:
+    return int(llm.config.num_hidden_layers)
+
+
+class ObjectiveSet:
+    """The active objectives of a run, keyed by their config name (`objective=[decorr,adl]`)."""
+
+    def __init__(self, objectives: Mapping[str, Objective] | None = None):
+        self.objectives = dict(objectives or {})
+        for name, objective in self.objectives.items():
+            if not isinstance(objective, Objective):
+                raise TypeError(f"objective {name!r} is a {type(objective).__name__}, not an Objective")
+
+    def __bool__(self) -> bool:
+        return bool(self.objectives)
+
+    @property
+    def needs_hidden_states(self) -> bool:
+        return any(o.needs_hidden_states for o in self.objectives.values())
+
+    def attention_layers(self, num_layers: int) -> list[int]:
+        layers: set[int] = set()
+        for objective in self.objectives.values():
+            layers.update(objective.attention_layers(num_layers) or [])
+        return sorted(layers)
+
+    def setup(self, model: torch.nn.Module, tokenizer) -> list[int]:
+        """Run every objective's setup before LoRA; return the token rows that must stay trainable."""
+        token_ids: list[int] = []
+        for objective in self.objectives.values():
+            token_ids.extend(objective.setup(model, tokenizer))
+        return sorted(set(token_ids))
+
+    def transform_batch(self, batch: dict, step: int, seed: int) -> dict:
+        """Rewrite a training batch; the generator is seeded by (seed, step), so resumed runs match."""
+        generator = torch.Generator(device="cpu").manual_seed(seed * 1_000_003 + step)
+        for objective in self.objectives.values():
+            batch = objective.transform_batch(batch, generator)
+        return batch
+
+    def forward(self, llm: torch.nn.Module, llm_inputs: dict, batch: dict, step: int, training: bool = True):
+        """Run the LLM once, asking only for what the objectives need; return (outputs, context)."""
+        layers = self.attention_layers(num_decoder_layers(llm)) if training else []
+        capture = QueryKeyCapture(llm, layers) if layers else contextlib.nullcontext({})
+        with capture as captured:
+            outputs = llm(**llm_inputs, output_hidden_states=training and self.needs_hidden_states)
+        ctx = ObjectiveContext(
+            batch=batch,
+            logits=outputs.logits,
+            hidden_states=outputs.hidden_states if training and self.needs_hidden_states else None,
+            attention=dict(captured),
+            model=llm,
+            step=step,
+        )
+        return outputs, ctx
+
+    def losses(self, ctx: ObjectiveContext) -> dict[str, tuple[torch.Tensor, float]]:
+        """name -> (unweighted loss, weight at this step)."""
+        return {name: (o.loss(ctx), o.weight_at(ctx.step)) for name, o in self.objectives.items()}
+
+
+def total_loss(ce: torch.Tensor, losses: dict[str, tuple[torch.Tensor, float]], ce_weight: float = 1.0):
+    """total = ce_weight * CE + sum_i w_i * L_i; returns (total, {log name: value})."""
+    total = ce * ce_weight
+    logs = {"loss_ce": ce.detach()}
+    for name, (value, weight) in losses.items():
+        total = total + weight * value
+        logs[f"loss_{name}"] = value.detach()
+        logs[f"loss_{name}_weighted"] = (weight * value).detach()
+    logs["loss"] = total.detach()
+    return total, logs

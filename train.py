@@ -1,0 +1,100 @@
+"""Train: Hydra composes `conf/`, every object comes from `hydra.utils.instantiate`.
+
+    python train.py experiment=avsr_decorr
+    python train.py experiment=lm_sft objective=[decorr,adl] trainer=gpu
+    python train.py experiment=lm_decorr debug=smoke
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import hydra
+import lightning as L
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from harness.instantiate import instantiate_named
+from harness.run_dir import register_resolvers
+from harness.summary import TrainLossHistory, summary_lines
+
+log = logging.getLogger("unsink.train")
+register_resolvers()
+
+
+def resolve_ckpt_path(ckpt_path: str | None, run_dir: Path) -> str | None:
+    if ckpt_path in (None, "", "none"):
+        return None
+    if ckpt_path == "auto":
+        last = run_dir / "checkpoints" / "last.ckpt"
+        return str(last) if last.exists() else None
+    if not Path(ckpt_path).exists():
+        raise FileNotFoundError(f"checkpoint {ckpt_path!r} does not exist (config key `ckpt_path`)")
+    return ckpt_path
+
+
+def train(cfg: DictConfig) -> dict:
+    run_dir = Path(cfg.paths.run_dir)
+    L.seed_everything(cfg.seed, workers=True)
+    objectives = instantiate_named(cfg.get("objective"))
+    module = instantiate(cfg.model, objectives=objectives)
+    datamodule = instantiate(cfg.data)
+    if hasattr(datamodule, "connect_tokenizer"):
+        datamodule.connect_tokenizer(module.tokenizer)
+    loggers = list(instantiate_named(cfg.get("logger")).values())
+    callbacks = instantiate_named(cfg.get("callbacks"))
+    history = TrainLossHistory()
+    trainer = instantiate(cfg.trainer, logger=loggers or False, callbacks=[*callbacks.values(), history])
+    if trainer.is_global_zero:
+        for lg in loggers:
+            if hasattr(lg, "log_hyperparams"):
+                lg.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+    ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), run_dir)
+    before = {}
+    if cfg.get("validate_before_training") and ckpt_path is None:
+        before = _metrics(trainer.validate(module, datamodule=datamodule, verbose=False))
+    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+    after = _metrics(trainer.validate(module, datamodule=datamodule, verbose=False))
+    if cfg.get("test_after_training"):
+        after.update(_metrics(trainer.test(module, datamodule=datamodule, verbose=False)))
+    if trainer.is_global_zero:
+        exported = module.export(run_dir, merged=cfg.get("export_merged", False))
+        extra = [f"exported: {', '.join(f'{k} -> {v}' for k, v in exported.items())}"]
+        for callback in callbacks.values():
+            if hasattr(callback, "summary_lines"):
+                extra.extend(callback.summary_lines())
+        print("\n".join(summary_lines(before, after, history, str(run_dir), trainer, extra)), flush=True)
+    return after
+
+
+def _metrics(results: list[dict]) -> dict:
+    merged = {}
+    for result in results or []:
+        merged.update({k: float(v) for k, v in result.items()})
+    return merged
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="train")
+def main(cfg: DictConfig) -> None:
+    try:
+        train(cfg)
+    finally:
+        _finish_wandb()
+
+
+def _finish_wandb() -> None:
+    """W&B merges runs unless each finishes; never let a logging problem mask the real error."""
+    try:
+        import wandb
+
+        if wandb.run is not None:
+            wandb.finish()
+    except Exception as err:  # noqa: BLE001
+        log.warning("wandb.finish() failed: %s", err)
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    main()
