@@ -1,0 +1,135 @@
+"""attention_diversity_loss: reference ADL (non-causal), the causal variant, padding, and the tiny model."""
+
+import pytest
+import torch
+
+from losses.attention_diversity import attention_diversity_loss
+from models.attention_capture import QueryKeyCapture, sampled_attention_probs
+
+
+def cosine(a, b):
+    na, nb = max(a.norm().item(), 1e-8), max(b.norm().item(), 1e-8)
+    return float(torch.dot(a, b)) / (na * nb)
+
+
+def reference_adl(probs, threshold=2.0):
+    """TAPADL for one layer, literally: Python loops, float64, fixed tau = threshold / N."""
+    p = probs.double().mean(1)  # [B,N,N]
+    batch, rows, keys = p.shape
+    tau = threshold / keys
+    total = 0.0
+    for b in range(batch):
+        mean_row = p[b].mean(0)
+        mean_hat = mean_row * (mean_row > tau)
+        for i in range(rows):
+            total += cosine(mean_hat, p[b, i] * (p[b, i] > tau))
+    return total / (batch * rows)
+
+
+def reference_causal(probs, positions, threshold=2.0, key_padding_mask=None):
+    """The documented causal variant, literally (loops, float64)."""
+    p = probs.double().mean(1)
+    batch, rows, keys = p.shape
+    real = torch.ones(batch, keys, dtype=torch.bool) if key_padding_mask is None else key_padding_mask.bool()
+    total, count = 0.0, 0
+    for b in range(batch):
+        visible = [[k for k in range(keys) if k <= positions[i] and real[b, k]] for i in range(rows)]
+        valid = [i for i in range(rows) if real[b, positions[i]] and len(visible[i]) >= 2 and p[b, i].sum() > 0]
+        if not valid:
+            continue
+        mean_row = sum(p[b, i] for i in valid) / len(valid)
+        for i in valid:
+            idx = torch.tensor(visible[i])
+            tau = threshold / len(idx)
+            m = mean_row[idx] / mean_row[idx].sum()
+            a = p[b, i, idx]
+            total += cosine(m * (m > tau), a * (a > tau))
+            count += 1
+    return total / count if count else 0.0
+
+
+def random_probs(batch=2, heads=3, rows=6, keys=6, causal=False, seed=0, sink=0.0):
+    gen = torch.Generator().manual_seed(seed)
+    logits = torch.randn(batch, heads, rows, keys, generator=gen) * 2
+    logits[..., 0] += sink
+    if causal:
+        hidden = torch.arange(keys)[None, :] > torch.arange(rows)[:, None]
+        logits = logits.masked_fill(hidden, float("-inf"))
+    return torch.softmax(logits, -1)
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_non_causal_all_rows_equals_reference(batch):
+    probs = random_probs(batch=batch, rows=8, keys=8)
+    value = attention_diversity_loss(probs, causal=False)
+    assert value.item() == pytest.approx(reference_adl(probs), rel=1e-5)
+
+
+def test_causal_matches_loop_reference_with_padding_and_sampling():
+    probs = random_probs(batch=3, rows=9, keys=9, causal=True, sink=2.0)
+    pad = torch.ones(3, 9, dtype=torch.bool)
+    pad[1, 6:] = False
+    probs = probs * pad[:, None, None, :]
+    probs = probs / probs.sum(-1, keepdim=True)
+    assert attention_diversity_loss(probs).item() == pytest.approx(
+        reference_causal(probs, list(range(9))), rel=1e-5)
+    assert attention_diversity_loss(probs, key_padding_mask=pad).item() == pytest.approx(
+        reference_causal(probs, list(range(9)), key_padding_mask=pad), rel=1e-5)
+    positions = torch.tensor([7, 2, 5, 8])
+    rows = probs[:, :, positions]
+    assert attention_diversity_loss(rows, query_positions=positions, key_padding_mask=pad).item() == pytest.approx(
+        reference_causal(rows, positions.tolist(), key_padding_mask=pad), rel=1e-5)
+
+
+def test_edges_empty_rows_single_key_and_identical_rows():
+    empty = torch.zeros(1, 2, 3, 5)
+    assert attention_diversity_loss(empty).item() == 0.0
+    assert attention_diversity_loss(empty, causal=False).item() == 0.0
+    only_first = random_probs(batch=1, rows=1, keys=4, causal=True)  # row 0 sees one key: skipped
+    assert attention_diversity_loss(only_first).item() == 0.0
+    same = torch.full((2, 2, 4, 4), 0.25)
+    assert attention_diversity_loss(same, threshold=0.5, causal=False).item() == pytest.approx(1.0)
+    assert attention_diversity_loss(same, causal=False).item() == 0.0  # uniform rows fall below 2/N
+
+
+def test_sink_pattern_scores_higher_than_diverse_attention():
+    sink = random_probs(rows=16, keys=16, causal=True, sink=8.0)
+    diverse = random_probs(rows=16, keys=16, causal=True, sink=0.0, seed=3)
+    assert attention_diversity_loss(sink) > attention_diversity_loss(diverse)
+
+
+def test_gradcheck_both_modes():
+    logits = torch.randn(1, 2, 4, 4, dtype=torch.float64, requires_grad=True)
+    positions = torch.tensor([1, 2, 3, 3])
+    causal_mask = torch.arange(4)[None, :] > positions[:, None]
+
+    def causal_loss(x):
+        return attention_diversity_loss(torch.softmax(x.masked_fill(causal_mask, -1e9), -1), 0.5,
+                                        query_positions=positions).double()
+
+    assert torch.autograd.gradcheck(lambda x: attention_diversity_loss(torch.softmax(x, -1), 1.0, False).double(),
+                                    (logits,))
+    assert torch.autograd.gradcheck(causal_loss, (logits,))
+
+
+def test_sampled_probs_equal_eager_probs_on_tiny_model(tiny_lm_factory):
+    model, _ = tiny_lm_factory(attn_implementation="sdpa")
+    ids = torch.randint(0, 500, (2, 12), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones(2, 12, dtype=torch.long)
+    mask[1, 9:] = 0
+    positions = torch.tensor([3, 11, 6, 1, 8])
+    with torch.no_grad(), QueryKeyCapture(model) as captured:
+        model(input_ids=ids, attention_mask=mask)
+    model.set_attn_implementation("eager")
+    with torch.no_grad():
+        eager = model(input_ids=ids, attention_mask=mask, output_attentions=True).attentions
+    assert len(captured) == len(eager) == 2
+    for layer, probs in enumerate(eager):
+        all_rows = sampled_attention_probs(captured[layer], torch.arange(12), mask)
+        sampled = sampled_attention_probs(captured[layer], positions, mask)
+        kwargs = {"key_padding_mask": mask}
+        expected = attention_diversity_loss(probs, **kwargs)
+        assert attention_diversity_loss(all_rows, **kwargs).item() == pytest.approx(expected.item(), rel=1e-4)
+        expected_rows = attention_diversity_loss(probs[:, :, positions], query_positions=positions, **kwargs)
+        got_rows = attention_diversity_loss(sampled, query_positions=positions, **kwargs)
+        assert got_rows.item() == pytest.approx(expected_rows.item(), rel=1e-4)
