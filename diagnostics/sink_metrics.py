@@ -1,0 +1,185 @@
+"""Attention-sink and massive-activation metrics as pure functions on tensors.
+
+Every function takes plain tensors and a boolean `valid` mask [B, T] (True = real token, False = padding),
+so the numbers can be checked by hand. Padding never counts: not as a query, not as a key, not as a token.
+Sequences are right-padded: position 0 is the first real token of every sample ("BOS" below, whatever
+token it is). Definitions (also in docs/diagnostics.md):
+
+- first-token attention: mean over heads and over valid queries q > 0 of the attention to position 0.
+- sink rate (Gu et al.): a (sample, head) is a sink for key k when the mean attention that k receives from
+  the valid queries at or after k exceeds eps (0.3); reported as a percentage of (sample, head) pairs.
+- massive activation (Sun et al.): largest |h| over valid tokens and features, with its position and
+  feature, and its ratio to the median |h| over the same entries.
+- BOS cosine: mean of cos(h[0], h[t]) over valid t >= 1.
+- intermediate sinks: positions t > 0 with a high cosine to BOS that receive high attention.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+def query_positions_mask(valid: torch.Tensor, first_query: int = 1) -> torch.Tensor:
+    """valid [B,T] bool -> [B,T] bool: valid queries at positions >= first_query."""
+    positions = torch.arange(valid.shape[1], device=valid.device)
+    return valid.bool() & (positions >= first_query)[None, :]
+
+
+def mean_attention_from_queries(attention_to_key: torch.Tensor, query_mask: torch.Tensor) -> torch.Tensor:
+    """Per-head mean attention that one key receives from the selected queries.
+
+    Args:
+        attention_to_key: [B,H,T] probability that query t (of head h, sample b) gives to the key.
+        query_mask: [B,T] bool, the queries to average over (pooled over samples).
+    Returns:
+        [H] float32; zeros when no query is selected.
+    """
+    weights = query_mask.float()[:, None, :]
+    total = (attention_to_key.float() * weights).sum(dim=(0, 2))
+    return total / weights.sum().clamp_min(1.0)
+
+
+def first_token_attention_per_head(attention_to_first: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """attention_to_first [B,H,T], valid [B,T] -> [H]: mean attention to position 0 from valid queries q > 0.
+
+    The layer's first-token attention is the mean of this over heads.
+    """
+    return mean_attention_from_queries(attention_to_first, query_positions_mask(valid, 1))
+
+
+def uniform_first_token_attention(valid: torch.Tensor) -> float:
+    """Reference level: first-token attention if every query spread attention evenly over its keys.
+
+    Query q sees q + 1 keys (right padding), so this is the mean of 1/(q+1) over valid queries q > 0.
+    """
+    queries = query_positions_mask(valid, 1)
+    positions = torch.arange(valid.shape[1], device=valid.device, dtype=torch.float32)
+    uniform = (1.0 / (positions + 1.0))[None, :].expand_as(queries)
+    return float(uniform[queries].mean()) if queries.any() else 0.0
+
+
+def head_sink_scores(attention_to_key: torch.Tensor, valid: torch.Tensor, key_position: int) -> torch.Tensor:
+    """attention_to_key [B,H,T] -> [B,H]: mean attention the key receives from valid queries q >= key_position."""
+    queries = query_positions_mask(valid, key_position).float()[:, None, :]
+    return (attention_to_key.float() * queries).sum(-1) / queries.sum(-1).clamp_min(1.0)
+
+
+def sink_rate_percent(
+    attention_to_key: torch.Tensor, valid: torch.Tensor, key_position: int = 0, eps: float = 0.3
+) -> float:
+    """Percentage of (sample, head) pairs whose `head_sink_scores` exceed eps (samples where the key is padding
+    are left out). attention_to_key [B,H,T], valid [B,T]."""
+    has_key = valid[:, key_position].bool()
+    if not has_key.any():
+        return 0.0
+    is_sink = head_sink_scores(attention_to_key, valid, key_position) > eps  # [B,H]
+    return 100.0 * float(is_sink[has_key].float().mean())
+
+
+@dataclass
+class MassiveActivation:
+    """The largest |h| of one layer and where it sits."""
+
+    value: float
+    sample: int
+    position: int
+    feature: int
+    median: float
+    ratio: float
+
+
+def massive_activation(hidden: torch.Tensor, valid: torch.Tensor) -> MassiveActivation:
+    """hidden [B,T,D], valid [B,T] -> largest |h| over valid tokens, its (sample, position, feature), and its
+    ratio to the median |h| over all valid entries (torch.median: the lower middle value)."""
+    magnitude = hidden.detach().float().abs()
+    masked = magnitude.masked_fill(~valid.bool()[..., None], -1.0)
+    flat_index = int(masked.argmax())
+    _, t, d = magnitude.shape
+    sample, rest = divmod(flat_index, t * d)
+    position, feature = divmod(rest, d)
+    value = float(masked.flatten()[flat_index])
+    median = float(magnitude[valid.bool()].median())
+    return MassiveActivation(value, sample, position, feature, median, value / max(median, 1e-12))
+
+
+def top_feature_magnitudes(hidden: torch.Tensor, valid: torch.Tensor, k: int = 3) -> list[tuple[int, float]]:
+    """hidden [B,T,D] -> the k features with the largest max |h| over valid tokens, as (feature, max |h|)."""
+    magnitude = hidden.detach().float().abs().masked_fill(~valid.bool()[..., None], -1.0)
+    per_feature = magnitude.flatten(0, 1).max(dim=0).values  # [D]
+    values, features = per_feature.topk(min(k, per_feature.numel()))
+    return [(int(f), float(v)) for f, v in zip(features, values)]
+
+
+def bos_cosine(hidden: torch.Tensor) -> torch.Tensor:
+    """hidden [B,T,D] -> [B,T] float32: cos(h[b,0], h[b,t]) (position 0 gives 1)."""
+    h = hidden.detach().float()
+    return torch.nn.functional.cosine_similarity(h[:, :1, :], h, dim=-1, eps=1e-12)
+
+
+def mean_bos_cosine(cosine: torch.Tensor, token_mask: torch.Tensor) -> float:
+    """cosine [B,T] from `bos_cosine`, token_mask [B,T] bool -> mean over selected tokens at t >= 1 (nan if none)."""
+    selected = query_positions_mask(token_mask, 1)
+    return float(cosine[selected].mean()) if selected.any() else float("nan")
+
+
+def received_attention(
+    attention_to_keys: torch.Tensor, key_positions: torch.Tensor, valid: torch.Tensor
+) -> torch.Tensor:
+    """Mean attention each key receives from the valid queries strictly after it, averaged over heads.
+
+    Args:
+        attention_to_keys: [B,H,T,P] probability that query t gives to key key_positions[p].
+        key_positions: [P] long.
+        valid: [B,T] bool.
+    Returns:
+        [B,P] float32 (0 where no valid query follows the key).
+    """
+    positions = torch.arange(valid.shape[1], device=valid.device)
+    after = positions[None, :, None] > key_positions.to(valid.device)[None, None, :]  # [1,T,P]
+    queries = (valid.bool()[:, :, None] & after).float()  # [B,T,P]
+    summed = (attention_to_keys.float().mean(dim=1) * queries).sum(dim=1)  # [B,P]
+    return summed / queries.sum(dim=1).clamp_min(1.0)
+
+
+def intermediate_sink_candidates(
+    cosine: torch.Tensor, valid: torch.Tensor, cosine_threshold: float, max_candidates: int = 32
+) -> torch.Tensor:
+    """Positions t > 0 whose cosine to BOS exceeds the threshold in some sample, highest first.
+
+    cosine [B,T], valid [B,T] -> [P] long, P <= max_candidates (the union over samples, so that one
+    `attention_to_keys` call serves the whole batch).
+    """
+    eligible = query_positions_mask(valid, 1) & (cosine > cosine_threshold)
+    best = cosine.masked_fill(~eligible, float("-inf")).max(dim=0).values  # [T]
+    order = best.argsort(descending=True)
+    order = order[torch.isfinite(best[order])]
+    return order[:max_candidates].sort().values
+
+
+def intermediate_sinks(
+    cosine: torch.Tensor,
+    attention_to_keys: torch.Tensor,
+    key_positions: torch.Tensor,
+    valid: torch.Tensor,
+    cosine_threshold: float,
+    attention_threshold: float,
+) -> list[tuple[int, int, float, float]]:
+    """Tokens at t > 0 with cos to BOS > cosine_threshold and received attention > attention_threshold.
+
+    Args:
+        cosine: [B,T] from `bos_cosine`; attention_to_keys: [B,H,T,P] for key_positions [P] (t > 0);
+        valid: [B,T] bool.
+    Returns:
+        (sample, position, cosine, received attention) for each flagged token.
+    """
+    received = received_attention(attention_to_keys, key_positions, valid)  # [B,P]
+    positions = key_positions.to(cosine.device)
+    key_cosine = cosine[:, positions]  # [B,P]
+    flagged = valid.bool()[:, positions] & (key_cosine > cosine_threshold) & (received > attention_threshold)
+    flagged &= positions[None, :] > 0
+    return [
+        (int(b), int(positions[p]), float(key_cosine[b, p]), float(received[b, p]))
+        for b, p in flagged.nonzero().tolist()
+    ]
