@@ -1,0 +1,197 @@
+"""Lightning callback: measure sinks on a fixed probe batch before training, every N steps and at the end.
+
+Contract with the recipes: the LightningModule has `llm` (HF/PEFT causal LM) and
+`sink_probe_inputs(batch) -> (llm_inputs: dict, segments: Tensor[B,T] long)`. The probe batch is the first
+validation batch (datamodule, else the trainer's val dataloaders), moved to the module's device once and
+kept fixed; `sink_probe_inputs` is called on it at every measurement, so trainable encoders/projectors in
+front of the LLM are measured as they are at that step.
+
+Logged to every logger (slash names, step = trainer.global_step):
+`sinks/<metric>/layer_<i>` for `layers_to_log`, `sinks/<metric>/mean` over all layers, and
+`sinks/<metric>/<segment>/mean` for per-segment metrics, with metric in first_token_attention, sink_rate,
+activation_ratio, bos_cosine. Files (rank 0): `<run>/sinks/step_<N>_*.png`, `<run>/sinks/step_<N>.json` and,
+at the end, `<run>/sinks.json` (analyze.py schema).
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import move_data_to_device
+
+from diagnostics.plots import write_sink_plots
+from diagnostics.probe import measure_sinks
+from diagnostics.report import LAYER_METRICS, SinkReport, before_after_lines, write_sinks_json
+
+log = logging.getLogger(__name__)
+SEGMENT_METRICS = ("bos_cosine", "first_token_attention")
+
+
+def sink_log_metrics(report: SinkReport, layers_to_log: list[int] | None) -> dict[str, float]:
+    """The slash-named scalars of one measurement (layers_to_log None = every measured layer)."""
+    measured = {row.layer: row for row in report.layers}
+    chosen = measured if layers_to_log is None else [i for i in layers_to_log if i in measured]
+    metrics = {}
+    for metric in LAYER_METRICS:
+        metrics[f"sinks/{metric}/mean"] = report.mean(metric)
+        for layer in chosen:
+            metrics[f"sinks/{metric}/layer_{layer}"] = float(getattr(measured[layer], metric))
+    segments = sorted({name for row in report.layers for name in row.by_segment})
+    for metric in SEGMENT_METRICS:
+        for name in segments:
+            values = [row.by_segment[name][metric] for row in report.layers if name in row.by_segment]
+            metrics[f"sinks/{metric}/{name}/mean"] = sum(values) / len(values)
+    return metrics
+
+
+def define_wandb_sink_metrics(trainer: L.Trainer) -> None:
+    """Plot `sinks/*` against trainer/global_step in W&B, when a W&B run is active (never raises)."""
+    from lightning.pytorch.loggers import WandbLogger
+
+    for logger in trainer.loggers:
+        if isinstance(logger, WandbLogger):
+            try:
+                logger.experiment.define_metric("sinks/*", step_metric="trainer/global_step")
+            except Exception as err:  # noqa: BLE001 - a logging problem must not stop training
+                log.warning("W&B define_metric failed: %s", err)
+
+
+class SinkDiagnosticsCallback(Callback):
+    """Sink metrics on a fixed probe batch: at train start, every `every_n_steps` optimizer steps, at the end.
+
+    Args:
+        every_n_steps: measurement period in global steps (0 = only before and after training).
+        probe_batch_size: samples of the first validation batch to keep.
+        layers_to_log: layers logged one by one (means always cover every layer); None = all.
+        sink_eps, sink_key_position, intermediate_*: thresholds passed to `measure_sinks`.
+        plots: write PNG figures (and W&B images when a WandbLogger is active).
+        output_dir: where `sinks/` and `sinks.json` go; None = trainer.default_root_dir (the run folder).
+        chunk_size: query rows per chunk when recomputing attention.
+    """
+
+    def __init__(
+        self,
+        every_n_steps: int = 100,
+        probe_batch_size: int = 8,
+        layers_to_log: list[int] | None = None,
+        sink_eps: float = 0.3,
+        sink_key_position: int = 0,
+        intermediate_cosine_threshold: float = 0.8,
+        intermediate_attention_threshold: float = 0.2,
+        plots: bool = True,
+        output_dir: str | None = None,
+        chunk_size: int = 256,
+    ):
+        self.every_n_steps = every_n_steps
+        self.probe_batch_size = probe_batch_size
+        self.layers_to_log = list(layers_to_log) if layers_to_log is not None else None
+        self.probe_kwargs = dict(
+            sink_eps=sink_eps, sink_key_position=sink_key_position, chunk_size=chunk_size,
+            intermediate_cosine_threshold=intermediate_cosine_threshold,
+            intermediate_attention_threshold=intermediate_attention_threshold,
+        )
+        self.plots = plots
+        self.output_dir = output_dir
+        self.probe_batch = None
+        self.first: tuple[int, dict] | None = None  # (step, sinks.json dict)
+        self.last: tuple[int, dict] | None = None
+        self._last_step: int | None = None
+
+    # ----------------------------------------------------------------------------------------- hooks
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        define_wandb_sink_metrics(trainer)
+        self.measure(trainer, pl_module)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        step = trainer.global_step
+        if self.every_n_steps > 0 and step > 0 and step % self.every_n_steps == 0 and step != self._last_step:
+            self.measure(trainer, pl_module)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.global_step != self._last_step:
+            self.measure(trainer, pl_module)
+        if trainer.is_global_zero and self.last is not None:
+            write_sinks_json(self.run_dir(trainer) / "sinks.json", self.last[1])
+
+    # ------------------------------------------------------------------------------------ measuring
+    def run_dir(self, trainer: L.Trainer) -> Path:
+        return Path(self.output_dir or trainer.default_root_dir)
+
+    def fixed_probe_batch(self, trainer: L.Trainer, pl_module: L.LightningModule):
+        """The first validation batch, on the module's device (fetched once)."""
+        if self.probe_batch is None:
+            loader = _first_val_dataloader(trainer)
+            self.probe_batch = move_data_to_device(next(iter(loader)), pl_module.device)
+        return self.probe_batch
+
+    @torch.no_grad()
+    def measure(self, trainer: L.Trainer, pl_module: L.LightningModule) -> SinkReport:
+        """Measure, log, and (rank 0) write files for the current step. All ranks run the forward."""
+        step = trainer.global_step
+        llm_inputs, segments = pl_module.sink_probe_inputs(self.fixed_probe_batch(trainer, pl_module))
+        n = self.probe_batch_size
+        llm_inputs = {k: v[:n] if torch.is_tensor(v) else v for k, v in llm_inputs.items()}
+        segments = segments[:n] if segments is not None else None
+        report = measure_sinks(pl_module.llm, llm_inputs, segments, **self.probe_kwargs)
+        self._last_step = step
+        sinks = report.to_json(model=_model_name(pl_module.llm))
+        sinks["step"] = step
+        self.first = self.first or (step, sinks)
+        self.last = (step, sinks)
+        if trainer.is_global_zero:
+            self._log(trainer, report, step)
+        return report
+
+    def _log(self, trainer: L.Trainer, report: SinkReport, step: int) -> None:
+        metrics = sink_log_metrics(report, self.layers_to_log)
+        for logger in trainer.loggers:
+            logger.log_metrics(metrics, step=step)
+            logger.save()
+        out_dir = self.run_dir(trainer) / "sinks"
+        write_sinks_json(out_dir / f"step_{step:06d}.json", self.last[1])
+        if self.plots:
+            paths = write_sink_plots(report, out_dir, prefix=f"step_{step:06d}_", title=f"step {step}")
+            _log_wandb_images(trainer, paths, step)
+
+    def summary_lines(self) -> list[str]:
+        """Before/after sink numbers for the end-of-run summary (empty before any measurement)."""
+        if self.first is None or self.last is None:
+            return []
+        (first_step, before), (last_step, after) = self.first, self.last
+        header = f"sinks on the probe batch: step {first_step} -> step {last_step}"
+        return [header, *before_after_lines(before, after, self.layers_to_log)]
+
+
+def _model_name(llm: torch.nn.Module) -> str:
+    config = getattr(llm, "config", None)
+    return getattr(config, "_name_or_path", "") or type(llm).__name__
+
+
+def _first_val_dataloader(trainer: L.Trainer):
+    datamodule = getattr(trainer, "datamodule", None)
+    loaders = datamodule.val_dataloader() if datamodule is not None and hasattr(datamodule, "val_dataloader") else None
+    if loaders is None:
+        loaders = trainer.val_dataloaders
+    if isinstance(loaders, list | tuple):
+        loaders = loaders[0] if loaders else None
+    if isinstance(loaders, dict):
+        loaders = next(iter(loaders.values()), None)
+    if loaders is None:
+        raise RuntimeError("SinkDiagnosticsCallback needs a validation dataloader for its probe batch")
+    return loaders
+
+
+def _log_wandb_images(trainer: L.Trainer, paths: dict[str, Path], step: int) -> None:
+    from lightning.pytorch.loggers import WandbLogger
+
+    for logger in trainer.loggers:
+        if isinstance(logger, WandbLogger):
+            try:
+                for name, path in paths.items():
+                    logger.log_image(key=f"sinks/plots/{name}", images=[str(path)], step=step)
+            except Exception as err:  # noqa: BLE001
+                log.warning("W&B image logging failed: %s", err)

@@ -1,0 +1,123 @@
+"""SinkDiagnosticsCallback on a minimal LightningModule around the tiny model (3 steps, CSVLogger)."""
+
+import csv
+import json
+from types import SimpleNamespace
+
+import lightning as L
+import pytest
+import torch
+from lightning.pytorch.loggers import CSVLogger, Logger, WandbLogger
+from torch.utils.data import DataLoader
+
+from diagnostics.callback import SinkDiagnosticsCallback, _first_val_dataloader
+from recipes.segments import PROMPT
+
+TEXTS = ["The cat sat on the mat.", "Dogs bark at night.", "Rain falls on the quiet town.", "Hello there."]
+
+
+class RecordingLogger(Logger):
+    """Keeps every (step, metrics) it receives."""
+
+    def __init__(self):
+        super().__init__()
+        self.records = []
+
+    name = "recording"
+    version = "0"
+
+    def log_metrics(self, metrics, step=None):
+        self.records.append((step, dict(metrics)))
+
+    def log_hyperparams(self, params, *args, **kwargs):
+        pass
+
+
+class TinyLM(L.LightningModule):
+    """Implements the recipe contract: `llm` and `sink_probe_inputs(batch)`."""
+
+    def __init__(self, llm):
+        super().__init__()
+        self.llm = llm
+
+    def training_step(self, batch, batch_idx):
+        return self.llm(**batch).loss
+
+    def validation_step(self, batch, batch_idx):
+        self.log("val/loss", self.llm(**batch).loss)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    def sink_probe_inputs(self, batch):
+        inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+        return inputs, batch["attention_mask"].long() * PROMPT
+
+
+class TextData(L.LightningDataModule):
+    def __init__(self, tokenizer):
+        super().__init__()
+        self.tokenizer = tokenizer
+
+    def _loader(self):
+        def collate(texts):
+            batch = dict(self.tokenizer(texts, return_tensors="pt", padding=True))
+            batch["labels"] = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+            return batch
+
+        return DataLoader(TEXTS, batch_size=4, collate_fn=collate)
+
+    def train_dataloader(self):
+        return self._loader()
+
+    def val_dataloader(self):
+        return self._loader()
+
+
+def test_callback_logs_metrics_and_writes_files(tmp_path, tiny_lm):
+    model, tokenizer = tiny_lm
+    callback = SinkDiagnosticsCallback(every_n_steps=2, probe_batch_size=3, layers_to_log=[1])
+    recording = RecordingLogger()
+    loggers = [CSVLogger(tmp_path, name="csv", version=""), recording,
+               WandbLogger(mode="disabled", save_dir=str(tmp_path))]
+    trainer = L.Trainer(
+        max_steps=3, accelerator="cpu", devices=1, logger=loggers, callbacks=[callback], default_root_dir=tmp_path,
+        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+        num_sanity_val_steps=0, limit_val_batches=1, check_val_every_n_epoch=100,
+    )
+    trainer.fit(TinyLM(model), datamodule=TextData(tokenizer))
+
+    steps = [step for step, metrics in recording.records if "sinks/first_token_attention/mean" in metrics]
+    assert steps == [0, 2, 3]  # before training, every 2 steps, at the end
+    logged = next(metrics for step, metrics in recording.records if step == 0)
+    for metric in ("first_token_attention", "activation_ratio", "bos_cosine", "sink_rate"):
+        assert f"sinks/{metric}/layer_1" in logged and f"sinks/{metric}/mean" in logged
+        assert f"sinks/{metric}/layer_0" not in logged
+    assert "sinks/bos_cosine/prompt/mean" in logged
+    assert 0.0 < logged["sinks/first_token_attention/layer_1"] < 1.0
+
+    with open(tmp_path / "csv" / "metrics.csv") as handle:
+        rows = [row for row in csv.DictReader(handle) if row.get("sinks/sink_rate/layer_1")]
+    assert [int(row["step"]) for row in rows] == [0, 2, 3]
+
+    sinks = json.loads((tmp_path / "sinks.json").read_text())
+    assert sinks["num_texts"] == 3 and sinks["step"] == 3
+    assert [row["layer"] for row in sinks["layers"]] == [0, 1]
+    assert set(sinks["layers"][0]) >= {"first_token_attention", "sink_rate", "max_activation",
+                                       "max_activation_position", "max_activation_feature",
+                                       "activation_ratio", "bos_cosine"}
+    for step in (0, 2, 3):
+        for name in ("layer_curves", "head_heatmap", "massive_activations"):
+            assert (tmp_path / "sinks" / f"step_{step:06d}_{name}.png").stat().st_size > 1000
+        assert (tmp_path / "sinks" / f"step_{step:06d}.json").exists()
+
+    lines = callback.summary_lines()
+    assert lines[0] == "sinks on the probe batch: step 0 -> step 3"
+    assert any(line.startswith("| first-token attention, layer 1 |") for line in lines)
+
+
+def test_probe_loader_falls_back_to_trainer_val_dataloaders():
+    loader = DataLoader([1, 2])
+    assert _first_val_dataloader(SimpleNamespace(datamodule=None, val_dataloaders=[loader])) is loader
+    with pytest.raises(RuntimeError, match="validation dataloader"):
+        _first_val_dataloader(SimpleNamespace(datamodule=None, val_dataloaders=None))
