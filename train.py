@@ -39,7 +39,8 @@ def train(cfg: DictConfig) -> dict:
     run_dir = Path(cfg.paths.run_dir)
     L.seed_everything(cfg.seed, workers=True)
     objectives = instantiate_named(cfg.get("objective"))
-    module = instantiate(cfg.model, objectives=objectives)
+    # plain containers (not DictConfig) so checkpoints load with torch.load(weights_only=True)
+    module = instantiate(cfg.model, objectives=objectives, _convert_="all")
     datamodule = instantiate(cfg.data)
     if hasattr(datamodule, "connect_tokenizer"):
         datamodule.connect_tokenizer(module.tokenizer)

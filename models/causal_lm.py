@@ -87,7 +87,7 @@ def load_pretrained_causal_lm(
     tokenizer_source: str | None = None,
     trust_remote_code: bool = False,
     special_tokens: dict | None = None,
-    config_key: str = "model.backbone.source",
+    config_key: str = "backbone.source",
 ):
     """Load any `AutoModelForCausalLM` from a hub id, a local folder, or a GGUF file in a folder.
 

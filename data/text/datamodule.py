@@ -10,6 +10,7 @@ from torch.utils.data import DataLoader, Subset
 
 from data.text.collate import PadCollator
 from data.text.datasets import SFTDataset, TextCorpusDataset
+from data.text.sampler import EpochSeededSampler
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +68,8 @@ class TextDataModule(L.LightningDataModule):
         self.num_skipped = sum(len(r) for r in self.skip_reports)
 
     def _loader(self, dataset, batch_size: int, shuffle: bool) -> DataLoader:
-        return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, num_workers=self.num_workers,
+        sampler = EpochSeededSampler(len(dataset), self.seed) if shuffle else None
+        return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=self.num_workers,
                           collate_fn=PadCollator(self.tokenizer.pad_token_id),
                           persistent_workers=self.num_workers > 0)
 
