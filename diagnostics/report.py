@@ -24,9 +24,9 @@ LAYER_METRICS = ("first_token_attention", "sink_rate", "activation_ratio", "bos_
 METRIC_LABELS = {
     "first_token_attention": "first-token attention",
     "sink_rate": "sink rate (%)",
-    "activation_ratio": "max/median |h|",
+    "activation_ratio": "max/median abs h",
     "bos_cosine": "BOS cosine",
-    "max_activation": "max |h|",
+    "max_activation": "max abs h",
 }
 
 

@@ -1,0 +1,106 @@
+"""analyze.py end to end on tiny_llama (CLI and a trained-adapter run folder); compare.py on fake run folders."""
+
+import csv
+import json
+import sys
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+import analyze
+import compare
+
+ROOT = Path(__file__).resolve().parents[1]
+LAYER_KEYS = {"layer", "first_token_attention", "sink_rate", "max_activation", "max_activation_position",
+              "max_activation_feature", "activation_ratio", "bos_cosine"}
+
+
+def analyze_config(*overrides: str):
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        return compose("analyze", overrides=list(overrides))
+
+
+def test_analyze_cli_on_tiny_llama(tmp_path, monkeypatch):
+    texts = tmp_path / "texts.txt"
+    texts.write_text("The sun rises in the east.\n\nCats like to sleep in warm places.\nA third line.\n")
+    out = tmp_path / "analysis"
+    argv = ["analyze.py", "backbone=tiny_llama", f"texts={texts}", f"output_dir={out}"]
+    monkeypatch.setattr(sys, "argv", argv)
+    analyze.main()  # the Hydra entry point, in-process (a subprocess would re-import torch: slow on 2 cores)
+    assert (out / ".hydra" / "config.yaml").exists()
+    sinks = json.loads((out / "sinks.json").read_text())
+    assert sinks["num_texts"] == 3 and sinks["model"] == "build_tiny_llama"
+    assert [row["layer"] for row in sinks["layers"]] == [0, 1]
+    assert all(LAYER_KEYS <= set(row) for row in sinks["layers"])
+    assert isinstance(sinks["intermediate_sinks"], list)
+    for name in ("layer_curves", "head_heatmap", "massive_activations"):
+        assert (out / f"{name}.png").stat().st_size > 1000
+    summary = (out / "summary.md").read_text()
+    assert "First-token attention" in summary and "| layer |" in summary
+
+
+def test_missing_texts_file_names_the_path_and_key(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"nope\.txt.*config key `texts`"):
+        analyze.read_texts(str(tmp_path / "nope.txt"), max_texts=10)
+    assert len(analyze.read_texts(None, max_texts=64)) >= 12  # the shipped default texts
+
+
+def test_analyze_trained_adapter_run(tmp_path, tiny_lm):
+    from peft import LoraConfig, get_peft_model
+
+    run = tmp_path / "run_decorr"
+    (run / ".hydra").mkdir(parents=True)
+    backbone = OmegaConf.load(ROOT / "conf" / "backbone" / "tiny_llama.yaml")
+    OmegaConf.save(OmegaConf.create({"backbone": backbone, "model": {"backbone": "${backbone}"}}),
+                   run / ".hydra" / "config.yaml")
+    model, _ = tiny_lm
+    lora = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "k_proj"], init_lora_weights=False))
+    lora.save_pretrained(run / "adapter")
+
+    base = analyze.analyze(analyze_config("backbone=tiny_llama", f"output_dir={tmp_path / 'base'}"))
+    tuned = analyze.analyze(analyze_config(f"run={run}", f"output_dir={tmp_path / 'tuned'}"))
+    assert tuned["model"] == "run_decorr (adapter on build_tiny_llama)"
+    assert tuned["layers"][1]["first_token_attention"] != pytest.approx(base["layers"][1]["first_token_attention"])
+    assert (tmp_path / "tuned" / "summary.md").exists()
+
+
+def fake_run(root: Path, name: str, losses: list[float], attention: float, with_sinks_json: bool) -> Path:
+    run = root / name
+    metrics = run / "csv" / "version_0" / "metrics.csv"
+    metrics.parent.mkdir(parents=True)
+    with open(metrics, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, ["epoch", "step", "train/loss", "val/loss", "val/wer",
+                                         "sinks/first_token_attention/mean", "sinks/first_token_attention/layer_1"])
+        writer.writeheader()
+        for step, loss in enumerate(losses):
+            writer.writerow({"epoch": 0, "step": step, "train/loss": loss})
+            writer.writerow({"epoch": 0, "step": step, "sinks/first_token_attention/mean": attention + step,
+                             "sinks/first_token_attention/layer_1": attention + step})
+        writer.writerow({"epoch": 0, "step": len(losses) - 1, "val/loss": losses[-1] + 0.5, "val/wer": 0.25})
+    if with_sinks_json:
+        layers = [{"layer": i, "first_token_attention": attention * (i + 1), "sink_rate": 50.0,
+                   "max_activation": 10.0, "max_activation_position": 0, "max_activation_feature": 3,
+                   "activation_ratio": 100.0 * (i + 1), "bos_cosine": 0.5} for i in range(3)]
+        (run / "sinks.json").write_text(json.dumps({"model": "m", "num_texts": 2, "layers": layers,
+                                                    "intermediate_sinks": []}))
+    return run
+
+
+def test_compare_builds_table_and_overlays(tmp_path, capsys):
+    a = fake_run(tmp_path, "baseline", [3.0, 2.5, 2.0], attention=0.25, with_sinks_json=True)
+    b = fake_run(tmp_path, "decorr", [3.0, 2.6, 2.2], attention=0.125, with_sinks_json=False)
+    compare.main([str(a), str(b), "--layers", "1", "--out", str(tmp_path / "cmp")])
+    table = (tmp_path / "cmp" / "comparison.md").read_text()
+    assert "| metric | baseline | decorr |" in table
+    assert "| final train loss | 2.000 | 2.200 |" in table
+    assert "| final val loss | 2.500 | 2.700 |" in table
+    assert "| final val/wer | 0.250 | 0.250 |" in table
+    # baseline from sinks.json (layer 1 = 0.25 * 2), decorr from its last logged value (0.125 + 2)
+    assert "| first-token attention, layer 1 | 0.500 | 2.125 |" in table
+    assert "| max/median abs h, layer 1 | 200.0 | n/a |" in table
+    for name in ("train_loss", "val_loss", "sinks_first_token_attention_over_training",
+                 "first_token_attention_per_layer", "activation_ratio_per_layer"):
+        assert (tmp_path / "cmp" / f"{name}.png").stat().st_size > 1000
+    assert "first-token attention, layer 1" in capsys.readouterr().out
