@@ -115,3 +115,24 @@ def test_config_key_typo_is_an_error():
 
     with pytest.raises(ConfigCompositionException, match="optimizer.learning_rate"):
         compose_train(["experiment=lm_sft", "optimizer.learning_rate=1e-3"])
+
+
+def test_wandb_without_credentials_logs_offline_and_finishes(tmp_path, monkeypatch):
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("NETRC", str(tmp_path / "no-netrc"))
+    import wandb
+
+    from train import _finish_wandb
+
+    run_dir = tmp_path / "run"
+    cfg = compose_train(tiny_sft_overrides("trainer.max_steps=1", "logger=many",
+                                           "validate_before_training=false"), run_dir)
+    try:
+        train(cfg)
+        assert wandb.run is not None and wandb.run.settings.mode == "offline"
+    finally:
+        _finish_wandb()
+    assert wandb.run is None
+    offline_runs = list((run_dir / "wandb").glob("offline-run-*"))
+    assert len(offline_runs) == 1
