@@ -1,0 +1,52 @@
+"""What an AVSR run saves: the LoRA adapter (PEFT format) and the non-LLM weights that trained.
+
+    <run>/adapter/          PeftModel.from_pretrained(base_llm, "<run>/adapter") + the tokenizer
+    <run>/avsr_modules.pt   {"state_dict": projectors and trained encoders (incl. BatchNorm statistics),
+                             "settings": the recipe's hyperparameters (modality, prompt, rates, ...)}
+    <run>/merged/           optional: the LLM with LoRA merged in (save_pretrained)
+Load `avsr_modules.pt` into `AVSRModel` built from the same config with `load_state_dict(strict=False)`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+
+from models.avsr.avsr_model import AVSRModel
+
+
+def trainable_state_keys(model: torch.nn.Module) -> set[str]:
+    """state_dict keys that change in training: trainable parameters and the buffers of their modules."""
+    keys = set()
+    for prefix, module in model.named_modules():
+        own = dict(module.named_parameters(recurse=False))
+        if any(p.requires_grad for p in own.values()):
+            dot = f"{prefix}." if prefix else ""
+            keys.update(f"{dot}{name}" for name, p in own.items() if p.requires_grad)
+            keys.update(f"{dot}{name}" for name, _ in module.named_buffers(recurse=False))
+    return keys
+
+
+def export_avsr(model: AVSRModel, settings: Mapping, run_dir: str | Path, merged: bool = False) -> dict[str, str]:
+    """Write the files above; returns {what: path}."""
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    keys = trainable_state_keys(model)
+    is_peft = hasattr(model.llm, "peft_config")
+    paths = {}
+    if is_peft:
+        model.llm.save_pretrained(run_dir / "adapter")
+        model.tokenizer.save_pretrained(run_dir / "adapter")
+        paths["adapter"] = str(run_dir / "adapter")
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()
+             if k in keys and not (is_peft and k.startswith("llm."))}
+    torch.save({"state_dict": state, "settings": dict(settings)}, run_dir / "avsr_modules.pt")
+    paths["avsr_modules"] = str(run_dir / "avsr_modules.pt")
+    if merged and is_peft:
+        merged_llm = model.llm.merge_and_unload()
+        merged_llm.save_pretrained(run_dir / "merged")
+        model.tokenizer.save_pretrained(run_dir / "merged")
+        paths["merged"] = str(run_dir / "merged")
+    return paths
