@@ -63,10 +63,12 @@ def train(cfg: DictConfig) -> dict:
     if trainer.is_global_zero:
         exported = module.export(run_dir, merged=cfg.get("export_merged", False))
         extra = [f"exported: {', '.join(f'{k} -> {v}' for k, v in exported.items())}"]
-        for callback in callbacks.values():
-            if hasattr(callback, "summary_lines"):
-                extra.extend(callback.summary_lines())
-        print("\n".join(summary_lines(before, after, history, str(run_dir), trainer, extra)), flush=True)
+        for part in (datamodule, module, *callbacks.values()):
+            if hasattr(part, "summary_lines"):
+                extra.extend(part.summary_lines())
+        lines = summary_lines(before, after, history, str(run_dir), trainer, extra)
+        _finish_wandb()  # its own closing report would otherwise bury ours
+        print("\n".join(lines), flush=True)
     return after
 
 

@@ -20,14 +20,15 @@ def make_wandb_logger(project: str, save_dir: str, run_id: str, group: str | Non
                       tags: list[str] | None = None, mode: str = "auto", name: str | None = None, **kwargs):
     """Build `lightning.pytorch.loggers.WandbLogger`.
 
-    mode: auto (online when credentials exist, offline otherwise), online, offline, disabled.
+    mode: auto (WANDB_MODE if set, else online when credentials exist, offline otherwise), online,
+        offline, disabled.
     The run id equals the run folder key with `resume="allow"`, so a requeued job continues its W&B run;
     offline runs are uploaded later with `wandb sync <save_dir>/wandb/offline-run-*`.
     """
     from lightning.pytorch.loggers import WandbLogger
 
     if mode == "auto":
-        mode = "online" if has_wandb_credentials() else "offline"
+        mode = os.environ.get("WANDB_MODE") or ("online" if has_wandb_credentials() else "offline")
         if mode == "offline":
             log.info("W&B: no API key found, logging offline to %s (sync later with `wandb sync`)", save_dir)
     Path(save_dir).mkdir(parents=True, exist_ok=True)

@@ -5,10 +5,12 @@
 set -euo pipefail
 py=${1:-python3}
 venv=${2:-.venv}
+quiet() { "$@" 2> >(grep -v "is ignored: it is neither a file nor a directory" >&2); }
 [ -x "$venv/bin/python" ] || "$py" -m venv "$venv"
-"$venv/bin/python" -m pip install -q --upgrade pip
-"$venv/bin/python" -m pip install -q -r requirements.txt
-"$venv/bin/python" -m pip install -q --no-deps -r requirements-assets.txt
+echo "setup: installing pinned packages into $venv (first time: a few minutes, ~5 GB)"
+quiet "$venv/bin/python" -m pip install -q --upgrade pip
+quiet "$venv/bin/python" -m pip install -q -r requirements.txt
+quiet "$venv/bin/python" -m pip install -q --no-deps -r requirements-assets.txt
 if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
   missing=()
   for pkg in flite sox dict-devil pocketsphinx-testdata; do

@@ -67,6 +67,15 @@ class TextDataModule(L.LightningDataModule):
         self.num_truncated = train.num_truncated
         self.num_skipped = sum(len(r) for r in self.skip_reports)
 
+    def summary_lines(self) -> list[str]:
+        """Data problems for the end-of-run summary: nothing is dropped silently."""
+        if self.train_set is None:
+            return []
+        lines = [f"data: {self.num_skipped} unusable line(s) skipped, {self.num_truncated} example(s) truncated "
+                 f"to {self.max_length} tokens"]
+        lines += [f"  {report.summary()}" for report in self.skip_reports if len(report)]
+        return lines
+
     def _loader(self, dataset, batch_size: int, shuffle: bool) -> DataLoader:
         sampler = EpochSeededSampler(len(dataset), self.seed) if shuffle else None
         return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=self.num_workers,
