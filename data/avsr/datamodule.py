@@ -39,7 +39,7 @@ class AVSRDataModule(L.LightningDataModule):
     Augmentation (training only): random crop, video/audio time masks (window 0 disables), noise at an SNR
     from `noise_snr_db` with probability `noise_probability` (white noise, or excerpts of `noise_file`).
     eval_noise_snr_db: mix noise into val/test audio at this SNR (robustness evaluation); None for clean.
-    prepare_corpus: called with `root` in `prepare_data` (e.g. to build the synthetic corpus once).
+    prepare: called without arguments in `prepare_data` (e.g. the synthetic corpus builder, a partial).
     """
 
     def __init__(
@@ -64,7 +64,7 @@ class AVSRDataModule(L.LightningDataModule):
         eval_noise_snr_db: float | None = None,
         pin_memory: bool = False,
         seed: int = 0,
-        prepare_corpus: Callable[[str], object] | None = None,
+        prepare: Callable[[], object] | None = None,
     ):
         super().__init__()
         if modality not in MODALITIES:
@@ -82,14 +82,14 @@ class AVSRDataModule(L.LightningDataModule):
         self.audio_time_mask = (audio_time_mask_window, audio_time_mask_stride)
         self.noise_snr_db, self.noise_probability = list(noise_snr_db), noise_probability
         self.noise_file, self.eval_noise_snr_db = noise_file, eval_noise_snr_db
-        self.pin_memory, self.seed, self.prepare_corpus = pin_memory, seed, prepare_corpus
+        self.pin_memory, self.seed, self.prepare = pin_memory, seed, prepare
         self.datasets: dict[str, AVSRDataset] = {}
         self.bad_rows: dict[str, list[tuple[int, str]]] = {}
         self.skip_tally = SkipTally()
 
     def prepare_data(self) -> None:
-        if self.prepare_corpus is not None:
-            self.prepare_corpus(str(self.root))
+        if self.prepare is not None:
+            self.prepare()
 
     def manifest_path(self, split: str) -> Path:
         path = Path(self.manifests[split])
