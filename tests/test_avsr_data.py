@@ -105,12 +105,12 @@ def test_single_modality_does_not_decode_the_other_stream(corpus, modality, abse
 
 def test_strict_manifest_names_the_bad_row(tmp_path, caplog):
     manifest = tmp_path / "bad.csv"
-    manifest.write_text("lrs3,a.mp4,10,HELLO\nlrs3,b.mp4,ten,WORLD\nlrs3,c.mp4\nlrs3,d.mp4,5,OK\n")
+    manifest.write_text("lrs3,a.mp4,10,HELLO\nlrs3,b.mp4,ten,WORLD\nlrs3,c.mp4\nlrs3,d.mp4,5,12 7,OK\n")
     with pytest.raises(ManifestError, match=r"row 2: input_length"):
         read_manifest(manifest, strict=True)
     with caplog.at_level(logging.WARNING):
         parsed = read_manifest(manifest, strict=False)
-    assert [row.rel_path for row in parsed.rows] == ["a.mp4", "d.mp4"]
+    assert [(row.rel_path, row.text) for row in parsed.rows] == [("a.mp4", "HELLO"), ("d.mp4", "OK")]
     assert [number for number, _ in parsed.bad_rows] == [2, 3]
     assert "row 2" in caplog.text and "row 3" in caplog.text
 

@@ -2,7 +2,8 @@
 
 `input_length` is the clip's length in video frames at 25 fps; `rel_path` names the mp4 (with or
 without its extension) and the wav shares its stem. Paths are relative to the data root; like auto_avsr,
-`root/dataset/rel_path` is also accepted. A header row with exactly the column names is allowed.
+`root/dataset/rel_path` is also accepted. A header row with exactly the column names is allowed, and so
+are Llama-AVSR's five-column rows `dataset,rel_path,input_length,token_ids,text` (token ids ignored).
 """
 
 import csv
@@ -44,6 +45,8 @@ class ClipPaths:
 
 
 def _parse_row(fields: list[str], row_number: int) -> ManifestRow:
+    if len(fields) == len(MANIFEST_COLUMNS) + 1:  # Llama-AVSR: token ids before the text
+        fields = fields[:3] + fields[4:]
     if len(fields) != len(MANIFEST_COLUMNS):
         raise ManifestError(f"expected {len(MANIFEST_COLUMNS)} fields {MANIFEST_COLUMNS}, got {len(fields)}")
     dataset, rel_path, input_length, text = (value.strip() for value in fields)
