@@ -1,0 +1,74 @@
+"""Attention Diversification Loss as a recipe objective (OBJECTIVES.md §2), on sampled query rows.
+
+The main forward keeps SDPA/flash attention; the recipe captures post-RoPE queries/keys of
+`attention_layers` and this objective recomputes the probabilities of S sampled rows per layer
+(`models.attention_capture.sampled_attention_probs`, O(S*T) per head) before `attention_diversity_loss`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from losses.attention_diversity import attention_diversity_loss
+from models.attention_capture import sampled_attention_probs
+from recipes.objectives.base import Objective, ObjectiveContext
+
+
+def sample_query_positions(attention_mask: torch.Tensor, num_rows: int, generator: torch.Generator) -> torch.Tensor:
+    """Sorted [S] long positions, drawn without replacement among t >= 1 that are real in some row.
+
+    S = min(num_rows, number of candidates). Position 0 is never drawn (it sees one key: no information).
+    Rows for which a drawn position is padding are skipped by the loss (it gets the key padding mask).
+    """
+    candidates = attention_mask.bool().any(0).nonzero().flatten().cpu()
+    candidates = candidates[candidates >= 1]
+    order = torch.randperm(candidates.numel(), generator=generator)[:num_rows]
+    return candidates[order].sort().values.to(attention_mask.device)
+
+
+class AttentionDiversityObjective(Objective):
+    """Mean over `layers` of ADL on `num_rows` sampled query rows per step.
+
+    Args:
+        weight: reference default 1.0.
+        layers: decoder layer indices (0-based), or None for all layers.
+        num_rows: S, the query rows sampled per step (shared by the batch and by all layers).
+        threshold: entries below threshold / (visible keys) are ignored (reference: 2).
+        causal: our causal variant (default) or the reference ViT formula (see the loss docstring).
+        seed: with `ctx.step`, seeds the row sample, so a resumed run draws the same rows.
+    """
+
+    name = "adl"
+
+    def __init__(self, weight: float = 1.0, warmup_steps: int = 0, layers: Sequence[int] | None = None,
+                 num_rows: int = 64, threshold: float = 2.0, causal: bool = True, seed: int = 0):
+        super().__init__(weight, warmup_steps)
+        if num_rows < 1:
+            raise ValueError(f"adl.num_rows must be >= 1, got {num_rows}")
+        self.layers = list(layers) if layers is not None else None
+        self.num_rows = int(num_rows)
+        self.threshold = float(threshold)
+        self.causal = bool(causal)
+        self.seed = int(seed)
+
+    def attention_layers(self, num_layers: int) -> list[int]:
+        if self.layers is None:
+            return list(range(num_layers))
+        bad = [i for i in self.layers if not 0 <= i < num_layers]
+        if bad:
+            raise ValueError(f"adl.layers {bad} out of range: the model has layers 0..{num_layers - 1}")
+        return self.layers
+
+    def loss(self, ctx: ObjectiveContext) -> torch.Tensor:
+        if not ctx.attention:
+            raise ValueError("adl needs captured queries/keys: the recipe must wrap the forward in QueryKeyCapture")
+        attention_mask = ctx.batch["attention_mask"]
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + int(ctx.step))
+        positions = sample_query_positions(attention_mask, self.num_rows, generator)
+        per_layer = []
+        for layer in sorted(ctx.attention) if self.layers is None else self.layers:
+            probs = sampled_attention_probs(ctx.attention[layer], positions, attention_mask, self.causal)
+            per_layer.append(attention_diversity_loss(probs, self.threshold, self.causal, positions, attention_mask))
+        return torch.stack(per_layer).mean()

@@ -1,0 +1,73 @@
+"""BOS decorrelation as a recipe objective (OBJECTIVES.md §1); the maths is `losses/decorrelation.py`."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from losses.decorrelation import bos_cosines, bos_decorrelation_loss
+from recipes.objectives.base import Objective, ObjectiveContext
+
+TOKEN_SETS = ("input_side", "non_pad", "sinks")
+
+
+def input_side_mask(attention_mask: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """[B,T] bool: non-pad positions before the row's first target (labels != -100); whole row if none."""
+    is_target = labels != -100
+    length = labels.shape[1]
+    first_target = torch.where(is_target.any(1), is_target.int().argmax(1), torch.full_like(labels[:, 0], length))
+    before = torch.arange(length, device=labels.device)[None, :] < first_target[:, None]
+    return before & attention_mask.bool()
+
+
+class BosDecorrelationObjective(Objective):
+    """Penalise cos^2 between each selected hidden state and the first position's, mean over layers.
+
+    Args:
+        weight: reference default 1e4 (cos^2 of unrelated vectors is ~1/D).
+        tokens: which positions are compared with position 0 (padding is always excluded):
+            "input_side" (reference): every non-pad position before the row's first target token;
+            "non_pad": every non-pad position;
+            "sinks": non-pad positions whose cosine to position 0 exceeds `sink_threshold` in any chosen
+                layer (detected without gradient on the current forward pass).
+        layers: indices into the hidden-state tuple (1..L-1 by default; 0 = embeddings, L = final norm).
+        margin: penalise only cos^2 above `margin`.
+    Assumes right padding (position 0 is a real token), as the text collator produces.
+    """
+
+    name = "decorr"
+    needs_hidden_states = True
+
+    def __init__(self, weight: float = 1.0e4, warmup_steps: int = 0, tokens: str = "input_side",
+                 layers: Sequence[int] | None = None, margin: float = 0.0, sink_threshold: float = 0.5):
+        super().__init__(weight, warmup_steps)
+        if tokens not in TOKEN_SETS:
+            raise ValueError(f"decorr.tokens must be one of {TOKEN_SETS}, got {tokens!r}")
+        self.tokens = tokens
+        self.layers = list(layers) if layers is not None else None
+        self.margin = float(margin)
+        self.sink_threshold = float(sink_threshold)
+
+    def token_mask(self, ctx: ObjectiveContext) -> torch.Tensor:
+        attention_mask = ctx.batch["attention_mask"].bool()
+        if self.tokens == "input_side":
+            return input_side_mask(attention_mask, ctx.batch["labels"])
+        if self.tokens == "non_pad":
+            return attention_mask
+        with torch.no_grad():
+            cos = bos_cosines(ctx.hidden_states, self._layers(ctx))
+        return (cos > self.sink_threshold).any(0) & attention_mask
+
+    def _layers(self, ctx: ObjectiveContext) -> list[int]:
+        last = len(ctx.hidden_states) - 1
+        layers = self.layers if self.layers is not None else list(range(1, last))
+        bad = [i for i in layers if not 0 <= i <= last]
+        if bad:
+            raise ValueError(f"decorr.layers {bad} out of range: hidden states are indexed 0..{last}")
+        return layers
+
+    def loss(self, ctx: ObjectiveContext) -> torch.Tensor:
+        if ctx.hidden_states is None:
+            raise ValueError("decorr needs hidden states: the recipe must run the LLM with output_hidden_states")
+        return bos_decorrelation_loss(ctx.hidden_states, self.token_mask(ctx), self._layers(ctx), self.margin)

@@ -1,0 +1,82 @@
+"""MEAP as a recipe objective (OBJECTIVES.md §3): it changes the data; cross-entropy does the learning.
+
+`setup` adds a `[MASK]` special token and resizes the embeddings; the recipe keeps that row trainable
+under LoRA (peft `trainable_token_indices`, saved with the adapter). `transform_batch` masks the batch:
+- pretrain: a fraction of every row's target positions (except position 0) becomes `[MASK]`; labels stay;
+- sft: rows whose answer has more than `min_answer_tokens` tokens get a masked copy appended to the batch
+  (answer positions only; the copy is trained only on the masked positions).
+Fresh positions every step, reproducible from the generator the recipe seeds with (seed, step).
+`loss` returns the fraction of real input tokens that are `[MASK]` (no gradient) for logging; the
+default weight 0 keeps it out of the total.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from losses.meap import IGNORE_INDEX, MODES, meap_mask
+from recipes.objectives.base import Objective, ObjectiveContext
+
+DEFAULT_RATIO = {"pretrain": 0.15, "sft": 0.1}
+
+
+def append_rows(batch: dict, rows: torch.Tensor, replacements: dict[str, torch.Tensor]) -> dict:
+    """Append copies of `rows` of every [B,...] tensor of `batch`, with `replacements` ([R,...]) swapped in."""
+    size = batch["input_ids"].shape[0]
+    out = dict(batch)
+    for key, value in batch.items():
+        if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] == size:
+            extra = replacements[key] if key in replacements else value[rows]
+            out[key] = torch.cat([value, extra.to(value.dtype)], dim=0)
+    return out
+
+
+class MeapObjective(Objective):
+    """Args:
+    mode: "pretrain" or "sft".
+    ratio: fraction of eligible positions masked (default 0.15 pretrain, 0.1 sft).
+    min_answer_tokens: sft only; rows whose answer has more tokens than this get a masked copy (ref: 50).
+    mask_token: the special token added to the tokenizer (an existing mask token is reused).
+    weight: 0 by default: the logged "loss" is the masked fraction, a statistic, not something to minimise.
+    """
+
+    name = "meap"
+
+    def __init__(self, mode: str = "pretrain", ratio: float | None = None, min_answer_tokens: int = 50,
+                 mask_token: str = "[MASK]", weight: float = 0.0, warmup_steps: int = 0):
+        super().__init__(weight, warmup_steps)
+        if mode not in MODES:
+            raise ValueError(f"meap.mode must be one of {MODES}, got {mode!r}")
+        self.mode = mode
+        self.ratio = float(DEFAULT_RATIO[mode] if ratio is None else ratio)
+        self.min_answer_tokens = int(min_answer_tokens)
+        self.mask_token = mask_token
+        self.mask_token_id: int | None = None
+
+    def setup(self, model: torch.nn.Module, tokenizer) -> list[int]:
+        if tokenizer.mask_token is None:
+            tokenizer.add_special_tokens({"mask_token": self.mask_token})
+        self.mask_token_id = int(tokenizer.mask_token_id)
+        if model.get_input_embeddings().weight.shape[0] <= self.mask_token_id:
+            model.resize_token_embeddings(len(tokenizer))
+        return [self.mask_token_id]
+
+    def transform_batch(self, batch: dict, generator: torch.Generator | None) -> dict:
+        if self.mask_token_id is None:
+            raise RuntimeError("MeapObjective.setup(model, tokenizer) must run before transform_batch")
+        input_ids, labels = batch["input_ids"], batch["labels"]
+        if self.mode == "pretrain":
+            masked_ids, _ = meap_mask(input_ids, labels, self.mask_token_id, self.ratio, "pretrain", generator)
+            return {**batch, "input_ids": masked_ids}
+        rows = ((labels != IGNORE_INDEX).sum(1) > self.min_answer_tokens).nonzero().flatten()
+        if rows.numel() == 0:
+            return batch
+        masked_ids, masked_labels = meap_mask(input_ids[rows], labels[rows], self.mask_token_id, self.ratio,
+                                              "sft", generator)
+        return append_rows(batch, rows, {"input_ids": masked_ids, "labels": masked_labels})
+
+    def loss(self, ctx: ObjectiveContext) -> torch.Tensor:
+        real = ctx.batch["attention_mask"].bool()
+        masked = (ctx.batch["input_ids"] == self.mask_token_id) & real
+        fraction = masked.sum().float() / real.sum().clamp_min(1).float()
+        return fraction.to(ctx.logits.device)

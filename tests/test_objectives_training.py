@@ -1,0 +1,122 @@
+"""Each objective through the real recipe (CausalLMRecipe + Lightning) on a tiny LoRA Llama: its loss falls
+over a few dozen steps while cross-entropy stays finite. One fixed batch, so a drop is signal, not noise."""
+
+from functools import partial
+
+import lightning as L
+import pytest
+import torch
+
+from models.causal_lm import build_tiny_llama
+from models.layer_subset import build_layer_subset
+from recipes.causal_lm import CausalLMRecipe
+from recipes.objectives.adl import AttentionDiversityObjective
+from recipes.objectives.decorr import BosDecorrelationObjective
+from recipes.objectives.leaf import LeafDistillationObjective
+from recipes.objectives.meap import MeapObjective
+
+# Every token id of the texts below is < 4096, so a 4096-row vocabulary keeps the tiny model fast.
+TINY = partial(build_tiny_llama, special_tokens={"eos_token": "<|im_end|>"}, num_layers=3, vocab_size=4096)
+PROMPTS = ["What is a cat?", "What is the sea?", "What is a friend?"]
+ANSWERS = ["A small animal that can sleep in the sun and play with the dog all day.",
+           "The sea is a large body of water, and it has many fish in it.",
+           "A person who will help you when you need it most, and who will stay."]
+
+
+def sft_batch(tokenizer):
+    rows = []
+    for prompt, answer in zip(PROMPTS, ANSWERS):
+        p, a = tokenizer(prompt).input_ids, tokenizer(" " + answer).input_ids + [tokenizer.eos_token_id]
+        rows.append((p + a, [-100] * len(p) + a))
+    length = max(len(ids) for ids, _ in rows) + 2  # some padding in every row
+    batch = {k: torch.full((len(rows), length), v, dtype=torch.long)
+             for k, v in (("input_ids", tokenizer.pad_token_id), ("labels", -100), ("attention_mask", 0))}
+    for i, (ids, labels) in enumerate(rows):
+        batch["input_ids"][i, :len(ids)] = torch.tensor(ids)
+        batch["labels"][i, :len(ids)] = torch.tensor(labels)
+        batch["attention_mask"][i, :len(ids)] = 1
+    return batch
+
+
+def train(objectives, steps=30, lr=1e-2, ce_weight=1.0, backbone=TINY):
+    """Fit the recipe on one repeated batch; returns (recipe, {name: [loss per step]}, [ce per step])."""
+    torch.manual_seed(0)
+    recipe = CausalLMRecipe(backbone=backbone, optimizer=partial(torch.optim.AdamW, lr=lr),
+                            lora={"r": 8, "alpha": 16, "dropout": 0.0}, objectives=objectives,
+                            ce_weight=ce_weight, seed=1)
+    history = {name: [] for name in objectives}
+    history["ce"] = []
+    for name, objective in objectives.items():
+        def record(ctx, name=name, loss=objective.loss):
+            value = loss(ctx)
+            history[name].append(float(value.detach()))
+            if name == next(iter(objectives)):
+                shifted = ctx.logits[:, :-1].flatten(0, 1).float()
+                history["ce"].append(float(torch.nn.functional.cross_entropy(
+                    shifted, ctx.batch["labels"][:, 1:].flatten(), ignore_index=-100)))
+            return value
+        objective.loss = record
+    batch = sft_batch(recipe.tokenizer)
+    loader = torch.utils.data.DataLoader([batch] * steps, batch_size=None)
+    trainer = L.Trainer(accelerator="cpu", max_steps=steps, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0)
+    trainer.fit(recipe, train_dataloaders=loader)
+    return recipe, history
+
+
+def assert_falls(values, factor):
+    first, last = sum(values[:3]) / 3, sum(values[-3:]) / 3
+    assert last < factor * first, f"loss did not fall enough: {first:.4g} -> {last:.4g}"
+
+
+def test_decorr_loss_falls():
+    _, history = train({"decorr": BosDecorrelationObjective(weight=10.0, tokens="non_pad")}, steps=12)
+    assert_falls(history["decorr"], 0.5)
+    assert all(torch.isfinite(torch.tensor(history["ce"])))
+
+
+def test_adl_loss_falls():
+    # A random tiny model attends almost uniformly: nothing passes 2/n, so use a lower threshold and ADL alone.
+    adl = AttentionDiversityObjective(weight=1.0, num_rows=8, threshold=0.5, seed=3)
+    _, history = train({"adl": adl}, steps=15, lr=2e-2, ce_weight=0.0)
+    assert_falls(history["adl"], 0.8)
+    assert all(torch.isfinite(torch.tensor(history["ce"])))
+
+
+def test_meap_sft_appends_masked_copies_and_trains_the_mask_row():
+    meap = MeapObjective(mode="sft", ratio=0.3, min_answer_tokens=5)
+    recipe, history = train({"meap": meap}, steps=8)
+    assert meap.mask_token_id == recipe.tokenizer.mask_token_id == len(recipe.tokenizer) - 1
+    assert recipe.llm.get_input_embeddings().weight.shape[0] == len(recipe.tokenizer)
+    assert all(0 < f < 0.5 for f in history["meap"])  # [MASK] share of the real tokens, every step
+    assert history["ce"][-1] < history["ce"][0] and all(torch.isfinite(torch.tensor(history["ce"])))
+    embedding = recipe.llm.get_input_embeddings()
+    names = [n for n, p in recipe.llm.named_parameters() if p.requires_grad]
+    assert any("token_adapter" in n for n in names), names  # peft trainable_token_indices for [MASK]
+    assert embedding(torch.tensor([meap.mask_token_id])).abs().sum() > 0
+
+
+def test_meap_pretrain_masks_in_place_of_tokens():
+    meap = MeapObjective(mode="pretrain", ratio=0.2)
+    recipe, history = train({"meap": meap}, steps=3)
+    assert all(0 < f < 0.3 for f in history["meap"])
+
+
+def test_leaf_distillation_falls_towards_the_teacher():
+    teacher = TINY  # the full 3-layer model; the student keeps 2 of its layers, as in the SmolLM2 demo
+    student = partial(build_layer_subset, backbone=TINY, layers=[0, 2])
+    leaf = LeafDistillationObjective(teacher=teacher, teacher_dtype="fp32")
+    recipe, history = train({"leaf": leaf}, steps=12, ce_weight=0.0, backbone=student, lr=1e-2)
+    assert recipe.llm.config.num_hidden_layers == 2
+    assert_falls(history["leaf"], 0.5)
+    assert all(torch.isfinite(torch.tensor(history["ce"])))
+    assert not any(p.requires_grad for p in leaf.teacher.parameters())
+
+
+def test_leaf_rejects_a_teacher_with_another_tokenizer(tiny_lm):
+    model, tokenizer = tiny_lm
+    other = build_tiny_llama(special_tokens={"eos_token": "<|im_end|>"})[1]
+    other.add_special_tokens({"mask_token": "[MASK]"})
+    leaf = LeafDistillationObjective(teacher=(model, other))
+    with pytest.raises(ValueError, match="share one tokenizer"):
+        leaf.setup(model, tokenizer)
