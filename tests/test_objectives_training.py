@@ -10,9 +10,10 @@ import torch
 from models.causal_lm import build_tiny_llama
 from models.layer_subset import build_layer_subset
 from recipes.causal_lm import CausalLMRecipe
-from recipes.objectives.adl import AttentionDiversityObjective
-from recipes.objectives.decorr import BosDecorrelationObjective
-from recipes.objectives.leaf import LeafDistillationObjective
+from recipes.objectives.adl import AttentionDiversityObjective, sample_query_positions
+from recipes.objectives.base import ObjectiveContext
+from recipes.objectives.decorr import BosDecorrelationObjective, input_side_mask
+from recipes.objectives.leaf import LeafDistillationObjective, normalise_over_window
 from recipes.objectives.meap import MeapObjective
 
 # Every token id of the texts below is < 4096, so a 4096-row vocabulary keeps the tiny model fast.
@@ -120,3 +121,78 @@ def test_leaf_rejects_a_teacher_with_another_tokenizer(tiny_lm):
     leaf = LeafDistillationObjective(teacher=(model, other))
     with pytest.raises(ValueError, match="share one tokenizer"):
         leaf.setup(model, tokenizer)
+
+
+# ---- the objectives' own pieces, without training ----------------------------------------------------
+
+def test_input_side_mask_stops_at_first_target_and_skips_padding():
+    labels = torch.tensor([[-100, -100, 5, 6, -100], [-100, -100, -100, -100, -100]])
+    attention = torch.tensor([[1, 1, 1, 1, 0], [1, 1, 1, 0, 0]])
+    expected = torch.tensor([[1, 1, 0, 0, 0], [1, 1, 1, 0, 0]], dtype=torch.bool)
+    assert torch.equal(input_side_mask(attention, labels), expected)
+
+
+def test_sink_token_set_picks_positions_aligned_with_bos():
+    h = torch.randn(1, 5, 8)
+    h[0, 3] = 3 * h[0, 0]
+    ctx = ObjectiveContext(batch={"attention_mask": torch.ones(1, 5)}, logits=torch.zeros(1, 5, 2),
+                           hidden_states=(h, h, h))
+    mask = BosDecorrelationObjective(tokens="sinks", sink_threshold=0.9).token_mask(ctx)
+    assert mask[0, 3] and mask[0, 0] and mask.sum() == 2  # position 0 is dropped inside the loss
+    with pytest.raises(ValueError, match="tokens"):
+        BosDecorrelationObjective(tokens="everything")
+
+
+def test_query_rows_are_reproducible_real_and_never_position_zero():
+    attention = torch.tensor([[1] * 6 + [0] * 4, [1] * 8 + [0] * 2])
+    first = sample_query_positions(attention, 5, torch.Generator().manual_seed(0))
+    again = sample_query_positions(attention, 5, torch.Generator().manual_seed(0))
+    assert torch.equal(first, again) and first.numel() == 5
+    assert (first >= 1).all() and (first <= 7).all() and torch.equal(first, first.sort().values)
+    assert sample_query_positions(attention, 64, torch.Generator()).tolist() == list(range(1, 8))
+    with pytest.raises(ValueError, match="out of range"):
+        AttentionDiversityObjective(layers=[0, 5]).attention_layers(3)
+
+
+def test_meap_sft_copies_only_rows_with_long_answers():
+    meap = MeapObjective(mode="sft", ratio=0.5, min_answer_tokens=2)
+    meap.mask_token_id = 99
+    batch = {"input_ids": torch.arange(12).reshape(2, 6), "attention_mask": torch.ones(2, 6, dtype=torch.long),
+             "labels": torch.tensor([[-100, -100, 2, 3, 4, 5], [-100, -100, -100, -100, 10, 11]]),
+             "target_tokens_in_window": torch.tensor(7)}
+    out = meap.transform_batch(batch, torch.Generator().manual_seed(0))
+    assert out["input_ids"].shape == (3, 6) and out["attention_mask"].shape == (3, 6)
+    assert torch.equal(out["input_ids"][:2], batch["input_ids"])  # originals kept as they were
+    copy_ids, copy_labels = out["input_ids"][2], out["labels"][2]
+    assert (copy_ids == 99).sum() == 2 and (copy_ids[:2] == torch.tensor([0, 1])).all()
+    assert torch.equal(copy_labels[copy_ids == 99], batch["input_ids"][0][copy_ids == 99])
+    assert out["target_tokens_in_window"] is batch["target_tokens_in_window"]
+
+
+def test_window_normalisation_gives_the_global_token_mean_gradient():
+    """A=3 micro-batches with unequal token counts on R=2 simulated ranks, as Lightning + DDP apply them."""
+    gen = torch.Generator().manual_seed(0)
+    tokens = [[torch.randn(n, 4, generator=gen) for n in (2, 7, 3)], [torch.randn(n, 4, generator=gen) for n in (5, 1, 4)]]
+    theta = torch.randn(4, generator=gen, requires_grad=True)
+    window = sum(x.shape[0] for rank in tokens for x in rank)
+    applied = torch.zeros(4)
+    for rank in tokens:
+        for x in rank:
+            loss = normalise_over_window((x @ theta).square().sum(), torch.tensor(x.shape[0]), 3,
+                                         window_tokens=window, ranks=2)
+            applied += torch.autograd.grad(loss / 3, theta)[0] / 2  # Lightning's 1/A, DDP's mean over ranks
+    full = torch.cat([x for rank in tokens for x in rank])
+    expected = torch.autograd.grad((full @ theta).square().mean(), theta)[0]
+    assert torch.allclose(applied, expected, atol=1e-6)
+    x = tokens[0][1]  # A = R = 1 without a window count: the plain token mean
+    value = normalise_over_window((x @ theta).square().sum(), torch.tensor(7), 1)
+    assert value.item() == pytest.approx((x @ theta).square().mean().item(), rel=1e-6)
+
+
+def test_window_normalisation_all_reduces_when_distributed(tmp_path):
+    torch.distributed.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
+    try:
+        value = normalise_over_window(torch.tensor(12.0), torch.tensor(4), accumulate_grad_batches=2)
+        assert value.item() == pytest.approx(12.0 * 2 * 1 / (4 * 2))
+    finally:
+        torch.distributed.destroy_process_group()
