@@ -92,11 +92,11 @@ def comparison_table(runs: list[Run], layers: list[int]) -> list[str]:
     """Markdown: one row per metric, one column per run."""
     lines = ["| metric | " + " | ".join(run.label for run in runs) + " |", "|---|" + "---:|" * len(runs)]
 
-    def add(name: str, values: list[float]) -> None:
+    def add(name: str, values: list[float], fmt=format_number) -> None:
         if any(not math.isnan(v) for v in values):
-            lines.append(f"| {name} | " + " | ".join(format_number(v) for v in values) + " |")
+            lines.append(f"| {name} | " + " | ".join("n/a" if math.isnan(v) else fmt(v) for v in values) + " |")
 
-    add("steps", [last_value(run.rows, "step") for run in runs])
+    add("last step", [last_value(run.rows, "step") for run in runs], fmt=lambda v: str(int(v)))
     add("final train loss", [last_value(run.rows, first_present(run.rows, TRAIN_LOSS_KEYS)) for run in runs])
     add("final val loss", [last_value(run.rows, first_present(run.rows, VAL_LOSS_KEYS)) for run in runs])
     for key in QUALITY_KEYS:
@@ -126,7 +126,7 @@ def overlay_plots(runs: list[Run], out_dir: Path) -> dict[str, Path]:
                   for run in runs if run.sinks is not None}
         if curves:
             plots[f"{metric}_per_layer"] = plot_overlay(curves, out_dir / f"{metric}_per_layer.png",
-                                                        f"{METRIC_LABELS[metric]} at the end of training", "layer",
+                                                        f"{METRIC_LABELS[metric]} per layer (sinks.json)", "layer",
                                                         METRIC_LABELS[metric], metric in LOG_SCALE)
     return plots
 
