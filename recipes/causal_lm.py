@@ -49,7 +49,7 @@ class CausalLMRecipe(L.LightningModule):
             llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             if hasattr(llm, "enable_input_require_grads"):
                 llm.enable_input_require_grads()
-        self.llm = llm
+        self.llm = llm.train()  # from_pretrained returns eval mode; Lightning keeps submodule modes as found
         self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
         self.ce_weight, self.seed = ce_weight, seed
         self.val_loss = MeanMetric()
