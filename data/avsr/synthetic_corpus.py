@@ -20,6 +20,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
 from tqdm import tqdm
 
 from data.avsr.manifest import ManifestRow, write_manifest
@@ -139,6 +140,11 @@ def _jobs(out: Path, params: CorpusParams, sentences: list[str], synthesizer: st
     return jobs
 
 
+def _single_threaded() -> None:
+    """Build processes run one clip each at a time; like DataLoader workers, keep torch to one thread."""
+    torch.set_num_threads(1)
+
+
 def _build_into(folder: Path, params: CorpusParams, workers: int, progress: bool) -> dict:
     started = time.perf_counter()
     sentences, text_source = load_sentences(params.min_words, params.max_words)
@@ -146,7 +152,10 @@ def _build_into(folder: Path, params: CorpusParams, workers: int, progress: bool
     jobs = _jobs(folder, params, sentences, synthesizer)
     bar = tqdm(total=len(jobs), desc="synthetic AVSR corpus", unit="clip", disable=not progress)
     built = []
-    with ProcessPoolExecutor(workers) if workers > 1 else nullcontext() as pool:
+    pool_or_none = (
+        ProcessPoolExecutor(workers, initializer=_single_threaded) if workers > 1 else nullcontext()
+    )
+    with pool_or_none as pool:
         for row in pool.map(build_clip, jobs, chunksize=4) if pool else map(build_clip, jobs):
             built.append(row)
             bar.update()
