@@ -97,10 +97,13 @@ def comparison_table(runs: list[Run], layers: list[int]) -> list[str]:
             lines.append(f"| {name} | " + " | ".join("n/a" if math.isnan(v) else fmt(v) for v in values) + " |")
 
     add("last step", [last_value(run.rows, "step") for run in runs], fmt=lambda v: str(int(v)))
-    add("final train loss", [last_value(run.rows, first_present(run.rows, TRAIN_LOSS_KEYS)) for run in runs])
-    add("final val loss", [last_value(run.rows, first_present(run.rows, VAL_LOSS_KEYS)) for run in runs])
+    four_decimals = "{:.4f}".format
+    add("final train loss", [last_value(run.rows, first_present(run.rows, TRAIN_LOSS_KEYS)) for run in runs],
+        four_decimals)
+    add("final val loss", [last_value(run.rows, first_present(run.rows, VAL_LOSS_KEYS)) for run in runs],
+        four_decimals)
     for key in QUALITY_KEYS:
-        add(f"final {key}", [last_value(run.rows, key) for run in runs])
+        add(f"final {key}", [last_value(run.rows, key) for run in runs], four_decimals)
     for metric in LAYER_METRICS:
         add(f"{METRIC_LABELS[metric]}, mean over layers", [run.sink_value(metric, None) for run in runs])
         for layer in layers:

@@ -94,9 +94,9 @@ def test_compare_builds_table_and_overlays(tmp_path, capsys):
     compare.main([str(a), str(b), "--layers", "1", "--out", str(tmp_path / "cmp")])
     table = (tmp_path / "cmp" / "comparison.md").read_text()
     assert "| metric | baseline | decorr |" in table
-    assert "| final train loss | 2.000 | 2.200 |" in table
-    assert "| final val loss | 2.500 | 2.700 |" in table
-    assert "| final val/wer | 0.250 | 0.250 |" in table
+    assert "| final train loss | 2.0000 | 2.2000 |" in table
+    assert "| final val loss | 2.5000 | 2.7000 |" in table
+    assert "| final val/wer | 0.2500 | 0.2500 |" in table
     # baseline from sinks.json (layer 1 = 0.25 * 2), decorr from its last logged value (0.125 + 2)
     assert "| first-token attention, layer 1 | 0.500 | 2.125 |" in table
     assert "| max/median abs h, layer 1 | 200.0 | n/a |" in table
