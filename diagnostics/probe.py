@@ -100,14 +100,14 @@ def measure_sinks(
     hidden_states, captured = _forward_with_capture(llm, llm_inputs, layers)
     fixed_keys = [0] if sink_key_position == 0 else [0, sink_key_position]
     rows, found = [], {}
-    for layer in sorted(captured):
+    for layer in sorted(captured):  # each layer's q/k is released once used
         hidden = hidden_states[layer + 1]
         cosine = sm.bos_cosine(hidden)
         candidates = sm.intermediate_sink_candidates(
             cosine, valid, intermediate_cosine_threshold, max_intermediate_candidates
         )
         keys = torch.cat([torch.tensor(fixed_keys, device=candidates.device), candidates])
-        attention = attention_to_keys(captured[layer], keys.to(hidden.device), valid.long(), True, chunk_size)
+        attention = attention_to_keys(captured.pop(layer), keys.to(hidden.device), valid.long(), True, chunk_size)
         per_head = sm.first_token_attention_per_head(attention[..., 0], valid)
         massive = sm.massive_activation(hidden, valid)
         rows.append(
