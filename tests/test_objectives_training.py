@@ -52,9 +52,10 @@ def train(objectives, steps=30, lr=1e-2, ce_weight=1.0, backbone=TINY):
             value = loss(ctx)
             history[name].append(float(value.detach()))
             if name == next(iter(objectives)):
-                shifted = ctx.logits[:, :-1].flatten(0, 1).float()
-                history["ce"].append(float(torch.nn.functional.cross_entropy(
-                    shifted, ctx.batch["labels"][:, 1:].flatten(), ignore_index=-100)))
+                with torch.no_grad():
+                    shifted = ctx.logits[:, :-1].flatten(0, 1).float()
+                    ce = torch.nn.functional.cross_entropy(shifted, ctx.batch["labels"][:, 1:].flatten())
+                history["ce"].append(float(ce))
             return value
         objective.loss = record
     batch = sft_batch(recipe.tokenizer)
