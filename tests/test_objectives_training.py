@@ -39,7 +39,7 @@ def sft_batch(tokenizer):
     return batch
 
 
-def train(objectives, steps=30, lr=1e-2, ce_weight=1.0, backbone=TINY):
+def train(objectives, steps=16, lr=1e-2, ce_weight=1.0, backbone=TINY):
     """Fit the recipe on one repeated batch; returns (recipe, {name: [loss per step]}, [ce per step])."""
     torch.manual_seed(0)
     recipe = CausalLMRecipe(backbone=backbone, optimizer=partial(torch.optim.AdamW, lr=lr),
@@ -72,7 +72,7 @@ def assert_falls(values, factor):
 
 
 def test_decorr_loss_falls():
-    _, history = train({"decorr": BosDecorrelationObjective(weight=10.0, tokens="non_pad")}, steps=12)
+    _, history = train({"decorr": BosDecorrelationObjective(weight=10.0, tokens="non_pad")}, steps=16)
     assert_falls(history["decorr"], 0.5)
     assert all(torch.isfinite(torch.tensor(history["ce"])))
 
@@ -80,14 +80,14 @@ def test_decorr_loss_falls():
 def test_adl_loss_falls():
     # A random tiny model attends almost uniformly: nothing passes 2/n, so use a lower threshold and ADL alone.
     adl = AttentionDiversityObjective(weight=1.0, num_rows=8, threshold=0.5, seed=3)
-    _, history = train({"adl": adl}, steps=15, lr=2e-2, ce_weight=0.0)
+    _, history = train({"adl": adl}, steps=16, lr=2e-2, ce_weight=0.0)
     assert_falls(history["adl"], 0.8)
     assert all(torch.isfinite(torch.tensor(history["ce"])))
 
 
 def test_meap_sft_appends_masked_copies_and_trains_the_mask_row():
     meap = MeapObjective(mode="sft", ratio=0.3, min_answer_tokens=5)
-    recipe, history = train({"meap": meap}, steps=8)
+    recipe, history = train({"meap": meap}, steps=10)
     assert meap.mask_token_id == recipe.tokenizer.mask_token_id == len(recipe.tokenizer) - 1
     assert recipe.llm.get_input_embeddings().weight.shape[0] == len(recipe.tokenizer)
     assert all(0 < f < 0.5 for f in history["meap"])  # [MASK] share of the real tokens, every step
@@ -108,7 +108,7 @@ def test_leaf_distillation_falls_towards_the_teacher():
     teacher = TINY  # the full 3-layer model; the student keeps 2 of its layers, as in the SmolLM2 demo
     student = partial(build_layer_subset, backbone=TINY, layers=[0, 2])
     leaf = LeafDistillationObjective(teacher=teacher, teacher_dtype="fp32")
-    recipe, history = train({"leaf": leaf}, steps=12, ce_weight=0.0, backbone=student, lr=1e-2)
+    recipe, history = train({"leaf": leaf}, steps=16, ce_weight=0.0, backbone=student, lr=1e-2)
     assert recipe.llm.config.num_hidden_layers == 2
     assert_falls(history["leaf"], 0.5)
     assert all(torch.isfinite(torch.tensor(history["ce"])))
