@@ -34,7 +34,8 @@ class AVSRRecipe(L.LightningModule):
     modality: audio (ASR) | video (VSR) | audiovisual (AVSR); only that modality's encoders are built.
     audio_encoder / video_encoder: callables returning encoders (`output_dim`, forward(x, lengths)).
     audio_projector / video_projector: callables `(input_dim=, output_dim=) -> ModalityProjector`.
-    prompt: the task instruction after the modality tokens; delimiters / bos_token: see `AVSRModel`.
+    prompt: the task instruction after the modality tokens, or {modality: instruction} (the active one is used);
+        delimiters / bos_token: see `AVSRModel`.
     lora: kwargs of `models.lora.apply_lora` or None; trainable: {"freeze": [regex], "unfreeze": [regex]}
         over the whole model's parameter names (`model.llm.`, `model.encoders.video.`, `model.projectors.`).
     objectives: {name: Objective}; optimizer / scheduler: partials; ce_weight: weight of the transcript CE.
@@ -42,7 +43,8 @@ class AVSRRecipe(L.LightningModule):
     seed: seeds objective randomness per step.
     """
 
-    def __init__(self, backbone: Callable, optimizer: Callable, prompt: str, modality: str = "audiovisual",
+    def __init__(self, backbone: Callable, optimizer: Callable, prompt: str | Mapping[str, str],
+                 modality: str = "audiovisual",
                  audio_encoder: Callable | None = None, video_encoder: Callable | None = None,
                  audio_projector: Callable | None = None, video_projector: Callable | None = None,
                  scheduler: Callable | None = None, lora: Mapping | None = None,
@@ -72,6 +74,10 @@ class AVSRRecipe(L.LightningModule):
             encoder = build_encoder()
             parts[f"{name}_encoder"] = encoder
             parts[f"{name}_projector"] = build_projector(input_dim=encoder.output_dim, output_dim=width)
+        if isinstance(prompt, Mapping):
+            if modality not in prompt:
+                raise KeyError(f"model.prompt has no entry for modality {modality!r}: {sorted(prompt)}")
+            prompt = prompt[modality]
         self.model = AVSRModel(llm, self.tokenizer, modality, prompt, delimiters=dict(delimiters or {}),
                                bos_token=bos_token, **parts)
         if trainable:
