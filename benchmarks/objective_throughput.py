@@ -33,7 +33,7 @@ from models.lora import apply_lora  # noqa: E402
 from recipes.objectives.adl import AttentionDiversityObjective  # noqa: E402
 from recipes.objectives.compose import ObjectiveSet, total_loss  # noqa: E402
 from recipes.objectives.decorr import BosDecorrelationObjective  # noqa: E402
-from recipes.objectives.meap import MeapObjective  # noqa: E402
+from recipes.objectives.meap import MeapObjective, grow_embeddings  # noqa: E402
 
 LLAMA_1B = dict(hidden_size=2048, num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8,
                 intermediate_size=8192, vocab_size=128256, rope_theta=500000.0)
@@ -67,7 +67,7 @@ def build_model(shape: dict, max_len: int, objectives: dict, device: torch.devic
     extra_tokens = []
     for objective in objectives.values():
         if isinstance(objective, MeapObjective):  # what MeapObjective.setup does, without a tokenizer
-            model.resize_token_embeddings(shape["vocab_size"] + 1, mean_resizing=False)
+            grow_embeddings(model, shape["vocab_size"] + 1)
             objective.mask_token_id = shape["vocab_size"]
             extra_tokens.append(objective.mask_token_id)
     model = apply_lora(model, r=16, alpha=32, dropout=0.0, target_modules="all-linear",

@@ -9,6 +9,8 @@ from collections.abc import Sequence
 import torch
 from peft import LoraConfig, get_peft_model
 
+from models.trainable_tokens import use_row_sparse_trainable_tokens
+
 log = logging.getLogger(__name__)
 
 
@@ -39,7 +41,10 @@ def apply_lora(
         modules_to_save=list(modules_to_save) if modules_to_save else None,
         task_type="CAUSAL_LM",
     )
-    return get_peft_model(model, config)
+    model = get_peft_model(model, config)
+    if trainable_token_indices:
+        use_row_sparse_trainable_tokens(model)  # same values, no full-vocabulary dW (models/trainable_tokens.py)
+    return model
 
 
 def set_trainable(model: torch.nn.Module, freeze: Sequence[str] = (), unfreeze: Sequence[str] = ()) -> None:

@@ -45,8 +45,12 @@ class ObjectiveSet:
         return sorted(set(token_ids))
 
     def transform_batch(self, batch: dict, step: int, seed: int) -> dict:
-        """Rewrite a training batch; the generator is seeded by (seed, step), so resumed runs match."""
-        generator = torch.Generator(device="cpu").manual_seed(seed * 1_000_003 + step)
+        """Rewrite a training batch; the generator is seeded by (seed, step), so resumed runs match.
+
+        It lives on the batch's device, so drawing masks never waits for the GPU.
+        """
+        device = next((v.device for v in batch.values() if isinstance(v, torch.Tensor)), torch.device("cpu"))
+        generator = torch.Generator(device=device).manual_seed(seed * 1_000_003 + step)
         for objective in self.objectives.values():
             batch = objective.transform_batch(batch, generator)
         return batch
