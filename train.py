@@ -91,7 +91,9 @@ def _finish_wandb() -> None:
     """W&B merges runs unless each finishes; never let a logging problem mask the real error."""
     try:
         import wandb
-
+    except ImportError:  # W&B not installed: nothing to finish
+        return
+    try:
         if wandb.run is not None:
             wandb.finish()
     except Exception as err:  # noqa: BLE001
