@@ -15,6 +15,7 @@ from models.lora import apply_lora, count_parameters, set_trainable
 from recipes import segments as seg
 from recipes.objectives.base import Objective
 from recipes.objectives.compose import ObjectiveSet, total_loss
+from recipes.objectives.window import WindowTokenNormaliser
 from recipes.optim import configure_optimizers
 
 log = logging.getLogger(__name__)
@@ -52,6 +53,8 @@ class CausalLMRecipe(L.LightningModule):
         self.llm = llm.train()  # from_pretrained returns eval mode; Lightning keeps submodule modes as found
         self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
         self.ce_weight, self.seed = ce_weight, seed
+        self.token_sum = self.objectives.sums_over_tokens
+        self.window = WindowTokenNormaliser()
         self.val_loss = MeanMetric()
         self.strict_loading = False  # checkpoints hold only the trainable weights
         trainable_count, total = count_parameters(llm)
@@ -63,11 +66,30 @@ class CausalLMRecipe(L.LightningModule):
         batch = self.objectives.transform_batch(batch, self.global_step, self.seed)
         inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "labels")}
         outputs, ctx = self.objectives.forward(self.llm, inputs, batch, self.global_step)
-        total, logs = total_loss(outputs.loss, self.objectives.losses(ctx), self.ce_weight)
+        losses = self.objectives.losses(ctx)
         batch_size = batch["input_ids"].shape[0]
+        if self.token_sum:
+            return self._token_sum_step(outputs.loss, losses, batch, batch_size)
+        total, logs = total_loss(outputs.loss, losses, self.ce_weight)
         self.log("train/loss", logs.pop("loss"), prog_bar=True, batch_size=batch_size)
         self.log_dict({f"train/{k}": v for k, v in logs.items()}, batch_size=batch_size)
         return total
+
+    def _token_sum_step(self, ce_mean, losses, batch, batch_size):
+        """CE and token-sum objectives as sums; gradients normalised per window in on_before_optimizer_step."""
+        tokens = (batch["labels"][:, 1:] != -100).sum()
+        total, logs = total_loss(ce_mean * tokens, losses, self.ce_weight)
+        per_token = {k: v / tokens.clamp_min(1) for k, v in logs.items()}
+        self.log("train/loss", per_token.pop("loss"), prog_bar=True, batch_size=batch_size)
+        self.log_dict({f"train/{k}": v for k, v in per_token.items()}, batch_size=batch_size)
+        trainer = self._trainer
+        accumulate = trainer.accumulate_grad_batches if trainer is not None else 1
+        ranks = trainer.world_size if trainer is not None else 1
+        return self.window.scale(total, tokens, accumulate, ranks)
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        if self.token_sum:
+            self.window.apply(p for group in optimizer.param_groups for p in group["params"])
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         outputs = self.llm(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],

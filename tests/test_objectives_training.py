@@ -13,7 +13,8 @@ from recipes.causal_lm import CausalLMRecipe
 from recipes.objectives.adl import AttentionDiversityObjective, sample_query_positions
 from recipes.objectives.base import ObjectiveContext
 from recipes.objectives.decorr import BosDecorrelationObjective, input_side_mask
-from recipes.objectives.leaf import LeafDistillationObjective, normalise_over_window
+from recipes.objectives.leaf import LeafDistillationObjective
+from recipes.objectives.window import WindowTokenNormaliser
 from recipes.objectives.meap import MeapObjective
 
 # Every token id of the texts below is < 4096, so a 4096-row vocabulary keeps the tiny model fast.
@@ -175,26 +176,33 @@ def test_window_normalisation_gives_the_global_token_mean_gradient():
     """A=3 micro-batches with unequal token counts on R=2 simulated ranks, as Lightning + DDP apply them."""
     gen = torch.Generator().manual_seed(0)
     tokens = [[torch.randn(n, 4, generator=gen) for n in (2, 7, 3)], [torch.randn(n, 4, generator=gen) for n in (5, 1, 4)]]
-    theta = torch.randn(4, generator=gen, requires_grad=True)
-    window = sum(x.shape[0] for rank in tokens for x in rank)
-    applied = torch.zeros(4)
-    for rank in tokens:
+    theta = torch.nn.Parameter(torch.randn(4, generator=gen))
+    normalisers = [WindowTokenNormaliser(), WindowTokenNormaliser()]
+    grads = []
+    for normaliser, rank in zip(normalisers, tokens):
+        theta.grad = None
         for x in rank:
-            loss = normalise_over_window((x @ theta).square().sum(), torch.tensor(x.shape[0]), 3,
-                                         window_tokens=window, ranks=2)
-            applied += torch.autograd.grad(loss / 3, theta)[0] / 2  # Lightning's 1/A, DDP's mean over ranks
+            loss = normaliser.scale((x @ theta).square().sum(), torch.tensor(x.shape[0]), accumulate=3, ranks=2)
+            (loss / 3).backward()  # Lightning's 1/A
+        grads.append(theta.grad.clone())
+    theta.grad = sum(grads) / 2  # DDP's mean over ranks
+    window = sum(x.shape[0] for rank in tokens for x in rank)
+    normalisers[0].local_tokens = torch.tensor(float(window), dtype=torch.float64)  # what all_reduce gives
+    assert normalisers[0].apply([theta]) == window
     full = torch.cat([x for rank in tokens for x in rank])
     expected = torch.autograd.grad((full @ theta).square().mean(), theta)[0]
-    assert torch.allclose(applied, expected, atol=1e-6)
-    x = tokens[0][1]  # A = R = 1 without a window count: the plain token mean
-    value = normalise_over_window((x @ theta).square().sum(), torch.tensor(7), 1)
-    assert value.item() == pytest.approx((x @ theta).square().mean().item(), rel=1e-6)
+    assert torch.allclose(theta.grad, expected, atol=1e-6)
+    assert normalisers[0].local_tokens is None  # reset for the next window
 
 
 def test_window_normalisation_all_reduces_when_distributed(tmp_path):
     torch.distributed.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
     try:
-        value = normalise_over_window(torch.tensor(12.0), torch.tensor(4), accumulate_grad_batches=2)
-        assert value.item() == pytest.approx(12.0 * 2 * 1 / (4 * 2))
+        normaliser, param = WindowTokenNormaliser(), torch.nn.Parameter(torch.ones(2))
+        param.grad = torch.full((2,), 12.0)
+        normaliser.scale(torch.tensor(1.0), torch.tensor(4), accumulate=2, ranks=1)
+        normaliser.scale(torch.tensor(1.0), torch.tensor(2), accumulate=2, ranks=1)
+        assert normaliser.apply([param]) == 6
+        assert torch.equal(param.grad, torch.full((2,), 2.0))
     finally:
         torch.distributed.destroy_process_group()

@@ -11,6 +11,8 @@ the active objectives need:
 - `setup(model, tokenizer)`: called once before LoRA is applied (e.g. MEAP adds `[MASK]`); returns token ids
   whose embedding rows must stay trainable under LoRA;
 - `transform_batch(batch, generator)`: rewrite a training batch before the forward pass (e.g. MEAP masking);
+- `reduction`: "mean" (a per-batch mean, the default) or "sum" (a sum over target tokens that the recipe
+  normalises by every target token of the accumulation window on all ranks: recipes/objectives/window.py);
 - `loss(ctx)`: the unweighted loss; the recipe logs `train/loss_<name>` (unweighted) and
   `train/loss_<name>_weighted`, and adds `weight_at(step) * loss` to the total.
 """
@@ -51,6 +53,7 @@ class Objective:
 
     name: str = "objective"
     needs_hidden_states: bool = False
+    reduction: str = "mean"
 
     def __init__(self, weight: float = 1.0, warmup_steps: int = 0):
         if weight < 0:

@@ -28,6 +28,19 @@ class ObjectiveSet:
         return bool(self.objectives)
 
     @property
+    def sums_over_tokens(self) -> bool:
+        """True when an objective returns token sums (LeaF): the recipe then normalises per window.
+
+        Such objectives cannot be mixed with per-batch-mean objectives of non-zero weight: the two need
+        different gradient scales.
+        """
+        summed = [n for n, o in self.objectives.items() if o.reduction == "sum"]
+        mixed = [n for n, o in self.objectives.items() if o.reduction != "sum" and o.weight > 0]
+        if summed and mixed:
+            raise ValueError(f"objectives {summed} sum over tokens and cannot be combined with {mixed}")
+        return bool(summed)
+
+    @property
     def needs_hidden_states(self) -> bool:
         return any(o.needs_hidden_states for o in self.objectives.values())
 
