@@ -14,8 +14,8 @@ from recipes.objectives.adl import AttentionDiversityObjective, sample_query_pos
 from recipes.objectives.base import ObjectiveContext
 from recipes.objectives.decorr import BosDecorrelationObjective, input_side_mask
 from recipes.objectives.leaf import LeafDistillationObjective
-from recipes.objectives.window import WindowTokenNormaliser
 from recipes.objectives.meap import MeapObjective
+from recipes.objectives.window import WindowTokenNormaliser
 
 # Every token id of the texts below is < 4096, so a 4096-row vocabulary keeps the tiny model fast.
 TINY = partial(build_tiny_llama, special_tokens={"eos_token": "<|im_end|>"}, num_layers=3, vocab_size=4096)

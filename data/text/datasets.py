@@ -8,7 +8,7 @@ from pathlib import Path
 from torch.utils.data import Dataset
 
 from data.text.jsonl import SkipReport, read_jsonl
-from data.text.sft import tokenize_chat, to_messages
+from data.text.sft import to_messages, tokenize_chat
 
 log = logging.getLogger(__name__)
 

@@ -15,6 +15,7 @@ from losses.leaf import distillation_loss
 from models.causal_lm import resolve_dtype
 from recipes.objectives.base import Objective, ObjectiveContext
 
+
 def check_same_tokenizer(teacher_tokenizer, student_tokenizer) -> None:
     """LeaF compares token indices: both tokenizers must map every token to the same id."""
     teacher_vocab, student_vocab = teacher_tokenizer.get_vocab(), student_tokenizer.get_vocab()
