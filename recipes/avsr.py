@@ -105,12 +105,12 @@ class AVSRRecipe(L.LightningModule):
     def _log_skipped(self, batch: dict) -> None:
         for reason, count in (batch.get("skipped") or {}).items():
             self.log(f"data/skipped_{reason}", float(count), reduce_fx="sum", on_step=False, on_epoch=True,
-                     batch_size=1)
+                     batch_size=1, sync_dist=True)
 
-    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor | None:
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         self._log_skipped(batch)
-        if not batch["text"]:
-            return None  # every clip of this batch was skipped
+        if not batch["text"]:  # every clip of this batch was skipped: a zero loss keeps DDP ranks in step
+            return sum(p.reshape(-1)[0] * 0.0 for p in self.parameters() if p.requires_grad)
         batch = self.objectives.transform_batch(batch, self.global_step, self.seed)
         packed = self.model.build_inputs(batch)
         context_batch = {**batch, "attention_mask": packed.attention_mask, "labels": packed.labels,

@@ -139,3 +139,6 @@ def test_sink_probe_inputs_and_export_round_trip(tmp_path):
     fresh = build_recipe("audiovisual")
     missing, unexpected = fresh.model.load_state_dict(saved["state_dict"], strict=False)
     assert not unexpected
+    empty = fresh.training_step({"text": [], "ids": [], "skipped": {"too_long": 2}}, 0)  # all clips skipped
+    empty.backward()
+    assert float(empty) == 0 and all(p.grad is not None for p in fresh.parameters() if p.requires_grad)
