@@ -18,7 +18,9 @@ from models.whisper_ct2 import WHEEL_ASSETS, convert_ct2_whisper, folder_files, 
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--wheel", choices=sorted(WHEEL_ASSETS), help="an installed offline Whisper wheel")
     source.add_argument("--ct2-dir", help="a CTranslate2 Whisper folder")

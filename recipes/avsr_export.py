@@ -29,7 +29,9 @@ def trainable_state_keys(model: torch.nn.Module) -> set[str]:
     return keys
 
 
-def export_avsr(model: AVSRModel, settings: Mapping, run_dir: str | Path, merged: bool = False) -> dict[str, str]:
+def export_avsr(
+    model: AVSRModel, settings: Mapping, run_dir: str | Path, merged: bool = False
+) -> dict[str, str]:
     """Write the files above; returns {what: path}."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -40,8 +42,11 @@ def export_avsr(model: AVSRModel, settings: Mapping, run_dir: str | Path, merged
         model.llm.save_pretrained(run_dir / "adapter")
         model.tokenizer.save_pretrained(run_dir / "adapter")
         paths["adapter"] = str(run_dir / "adapter")
-    state = {k: v.detach().cpu() for k, v in model.state_dict().items()
-             if k in keys and not (is_peft and k.startswith("llm."))}
+    state = {
+        k: v.detach().cpu()
+        for k, v in model.state_dict().items()
+        if k in keys and not (is_peft and k.startswith("llm."))
+    }
     torch.save({"state_dict": state, "settings": dict(settings)}, run_dir / "avsr_modules.pt")
     paths["avsr_modules"] = str(run_dir / "avsr_modules.pt")
     if merged and is_peft:

@@ -17,13 +17,16 @@ def _speechlike(samples: int, seed: int = 0) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     t = torch.arange(samples) / 16000
     return 0.3 * torch.sin(2 * torch.pi * 180 * t) * torch.sin(2 * torch.pi * 2 * t) + 0.02 * torch.randn(
-        samples, generator=g)
+        samples, generator=g
+    )
 
 
 def test_log_mel_matches_transformers_feature_extractor():
     clip = _speechlike(9000)
     extractor = WhisperFeatureExtractor(chunk_length=1)  # 1 s window = 100 frames, same maths as 30 s
-    expected = torch.from_numpy(extractor(clip.numpy(), sampling_rate=16000, return_tensors="np").input_features)
+    expected = torch.from_numpy(
+        extractor(clip.numpy(), sampling_rate=16000, return_tensors="np").input_features
+    )
     audio = torch.stack([_speechlike(16000, seed=1), torch.nn.functional.pad(clip, (0, 7000))])
     lengths = torch.tensor([16000, 9000])
     window, frames = WhisperLogMel(pad_to_samples=16000)(audio, lengths)
@@ -58,14 +61,20 @@ def test_video_encoder_shapes_and_padding_invariance(temporal_layers):
     with torch.no_grad():
         features, lengths = encoder(video, torch.tensor([6, 4]))
         alone, _ = encoder(video[1:, :4], torch.tensor([4]))
-    assert features.shape == (2, 6, encoder.output_dim) and encoder.output_dim == 32 and lengths.tolist() == [6, 4]
+    assert (
+        features.shape == (2, 6, encoder.output_dim)
+        and encoder.output_dim == 32
+        and lengths.tolist() == [6, 4]
+    )
     torch.testing.assert_close(features[1, :4], alone[0], atol=1e-5, rtol=1e-5)
     assert features[1, 4:].abs().max() == 0
 
 
 def test_video_encoder_checkpoint_loading_and_clear_errors(tmp_path):
     source = build_tiny_video_encoder(seed=1)
-    torch.save({"model": {f"encoder.frontend.{k}": v for k, v in source.state_dict().items()}}, tmp_path / "ck.pt")
+    torch.save(
+        {"model": {f"encoder.frontend.{k}": v for k, v in source.state_dict().items()}}, tmp_path / "ck.pt"
+    )
     target = build_tiny_video_encoder(seed=2)
     target.load_checkpoint(tmp_path / "ck.pt", key="model", strip_prefix="encoder.frontend.")
     assert all(torch.equal(a, b) for a, b in zip(source.state_dict().values(), target.state_dict().values()))
@@ -86,7 +95,9 @@ def test_projector_lengths_and_padding_invariance(compression, rate):
     lengths = torch.tensor([70, 37])
     tokens, out_lengths = projector(features, lengths)
     alone, _ = projector(features[1:, :37], lengths[1:])
-    assert out_lengths.tolist() == [-(-70 // rate), -(-37 // rate)] == compressed_lengths(lengths, rate).tolist()
+    assert (
+        out_lengths.tolist() == [-(-70 // rate), -(-37 // rate)] == compressed_lengths(lengths, rate).tolist()
+    )
     assert tokens.shape == (2, -(-70 // rate), 16)
     torch.testing.assert_close(tokens[1, : out_lengths[1]], alone[0, : out_lengths[1]])
     assert tokens[1, out_lengths[1] :].abs().sum() == 0
@@ -103,9 +114,16 @@ def tiny_avsr(tiny_lm):
     audio, video = build_tiny_whisper_encoder(), build_tiny_video_encoder()
     torch.manual_seed(0)
     width = llm.config.hidden_size
-    return AVSRModel(llm, tokenizer, "audiovisual", "Transcribe:", audio_encoder=audio, video_encoder=video,
-                     audio_projector=ModalityProjector(audio.output_dim, width, rate=4),
-                     video_projector=ModalityProjector(video.output_dim, width, rate=2)).eval()
+    return AVSRModel(
+        llm,
+        tokenizer,
+        "audiovisual",
+        "Transcribe:",
+        audio_encoder=audio,
+        video_encoder=video,
+        audio_projector=ModalityProjector(audio.output_dim, width, rate=4),
+        video_projector=ModalityProjector(video.output_dim, width, rate=2),
+    ).eval()
 
 
 def _batch(audio_samples=(16000, 6400), video_frames=(25, 10), texts=("hello world", "hi")):
@@ -114,15 +132,25 @@ def _batch(audio_samples=(16000, 6400), video_frames=(25, 10), texts=("hello wor
     for i, (samples, frames) in enumerate(zip(audio_samples, video_frames)):
         audio[i, :samples] = _speechlike(samples, seed=i)
         video[i, :frames] = torch.randn(frames, 1, 88, 88, generator=torch.Generator().manual_seed(i))
-    return {"audio": audio, "audio_lengths": torch.tensor(audio_samples), "video": video,
-            "video_lengths": torch.tensor(video_frames), "text": list(texts), "ids": [str(i) for i in texts]}
+    return {
+        "audio": audio,
+        "audio_lengths": torch.tensor(audio_samples),
+        "video": video,
+        "video_lengths": torch.tensor(video_frames),
+        "text": list(texts),
+        "ids": [str(i) for i in texts],
+    }
 
 
 def _row(batch, i):
     a, v = int(batch["audio_lengths"][i]), int(batch["video_lengths"][i])
-    return {"audio": batch["audio"][i : i + 1, :a], "audio_lengths": batch["audio_lengths"][i : i + 1],
-            "video": batch["video"][i : i + 1, :v], "video_lengths": batch["video_lengths"][i : i + 1],
-            "text": batch["text"][i : i + 1]}
+    return {
+        "audio": batch["audio"][i : i + 1, :a],
+        "audio_lengths": batch["audio_lengths"][i : i + 1],
+        "video": batch["video"][i : i + 1, :v],
+        "video_lengths": batch["video_lengths"][i : i + 1],
+        "text": batch["text"][i : i + 1],
+    }
 
 
 def test_packed_rows_have_no_holes_and_masks_cover_padding(tiny_avsr):
@@ -136,10 +164,22 @@ def test_packed_rows_have_no_holes_and_masks_cover_padding(tiny_avsr):
         n = int(mask[row].sum())
         assert mask[row, :n].all() and not mask[row, n:].any()  # right padding only, no holes
         s = segments[row, :n].tolist()
-        assert s[0] == seg.BOS and s.count(seg.AUDIO) == audio_tokens[row] and s.count(seg.VIDEO) == video_tokens[row]
+        assert (
+            s[0] == seg.BOS
+            and s.count(seg.AUDIO) == audio_tokens[row]
+            and s.count(seg.VIDEO) == video_tokens[row]
+        )
         order = [x for i, x in enumerate(s) if i == 0 or x != s[i - 1]]
-        assert order == [seg.BOS, seg.DELIMITER, seg.AUDIO, seg.DELIMITER, seg.VIDEO, seg.DELIMITER,  # </a><v>
-                         seg.PROMPT, seg.TARGET]
+        assert order == [
+            seg.BOS,
+            seg.DELIMITER,
+            seg.AUDIO,
+            seg.DELIMITER,
+            seg.VIDEO,
+            seg.DELIMITER,  # </a><v>
+            seg.PROMPT,
+            seg.TARGET,
+        ]
         target = labels[row][segments[row] == seg.TARGET]
         assert (target != IGNORE_INDEX).all() and target[-1] == tiny_avsr.eos_id
         assert (labels[row][segments[row] != seg.TARGET] == IGNORE_INDEX).all()
@@ -164,7 +204,9 @@ def test_batched_greedy_and_beam_generation_match_row_by_row(tiny_avsr):
     batch = _batch()
     for beams in (1, 2):
         together = tiny_avsr.generate(batch, max_new_tokens=4, num_beams=beams)
-        separate = [tiny_avsr.generate(_row(batch, i), max_new_tokens=4, num_beams=beams)[0] for i in range(2)]
+        separate = [
+            tiny_avsr.generate(_row(batch, i), max_new_tokens=4, num_beams=beams)[0] for i in range(2)
+        ]
         assert together == separate and all(isinstance(t, str) for t in together)
 
 
@@ -178,8 +220,14 @@ def test_generation_prefix_is_left_padded_and_ends_with_the_prompt(tiny_avsr):
 def test_single_modality_models_need_only_their_inputs(tiny_lm):
     llm, tokenizer = tiny_lm
     video = build_tiny_video_encoder()
-    model = AVSRModel(llm, tokenizer, "video", "Read the lips:", video_encoder=video,
-                      video_projector=ModalityProjector(video.output_dim, llm.config.hidden_size, rate=5)).eval()
+    model = AVSRModel(
+        llm,
+        tokenizer,
+        "video",
+        "Read the lips:",
+        video_encoder=video,
+        video_projector=ModalityProjector(video.output_dim, llm.config.hidden_size, rate=5),
+    ).eval()
     batch = _batch()
     del batch["audio"], batch["audio_lengths"]
     with torch.no_grad():

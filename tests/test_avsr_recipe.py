@@ -45,10 +45,15 @@ def make_batches(modality: str, count: int, seed: int = 0) -> list[dict]:
     batches = []
     for i in range(count):
         frames = torch.tensor([10, 6])
-        batch = {"text": [TEXTS[(2 * i) % 4], TEXTS[(2 * i + 1) % 4]], "ids": [f"{i}a", f"{i}b"],
-                 "skipped": {"too_long": 1 if i == 0 else 0, "unreadable": 0}}
+        batch = {
+            "text": [TEXTS[(2 * i) % 4], TEXTS[(2 * i + 1) % 4]],
+            "ids": [f"{i}a", f"{i}b"],
+            "skipped": {"too_long": 1 if i == 0 else 0, "unreadable": 0},
+        }
         if modality in ("audio", "audiovisual"):
-            batch["audio"] = 0.1 * torch.randn(2, 6400, generator=g) * (torch.arange(6400) < frames[:, None] * 640)
+            batch["audio"] = (
+                0.1 * torch.randn(2, 6400, generator=g) * (torch.arange(6400) < frames[:, None] * 640)
+            )
             batch["audio_lengths"] = frames * 640
         if modality in ("video", "audiovisual"):
             video = torch.randn(2, 10, 1, 88, 88, generator=g)
@@ -62,22 +67,37 @@ def build_recipe(modality: str, objectives=None) -> AVSRRecipe:
     return AVSRRecipe(
         backbone=functools.partial(build_tiny_llama, special_tokens=SPECIAL),
         optimizer=functools.partial(torch.optim.AdamW, lr=1e-3),
-        prompt="Transcribe:", modality=modality,
+        prompt="Transcribe:",
+        modality=modality,
         audio_encoder=functools.partial(build_tiny_whisper_encoder, true_length=True),
         video_encoder=functools.partial(build_tiny_video_encoder),
         audio_projector=functools.partial(ModalityProjector, rate=4),
         video_projector=functools.partial(ModalityProjector, rate=2, compression="avg_pool"),
         lora={"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": ["q_proj", "v_proj"]},
-        objectives=objectives, generation={"max_new_tokens": 5, "num_beams": 1}, seed=0,
+        objectives=objectives,
+        generation={"max_new_tokens": 5, "num_beams": 1},
+        seed=0,
     )
 
 
 def fit(recipe: AVSRRecipe, modality: str, steps: int = 3) -> L.Trainer:
-    trainer = L.Trainer(max_steps=steps, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
-                        limit_val_batches=1, inference_mode=False)
-    trainer.fit(recipe, DataLoader(make_batches(modality, steps), batch_size=None),
-                DataLoader(make_batches(modality, 1, seed=1), batch_size=None))
+    trainer = L.Trainer(
+        max_steps=steps,
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        limit_val_batches=1,
+        inference_mode=False,
+    )
+    trainer.fit(
+        recipe,
+        DataLoader(make_batches(modality, steps), batch_size=None),
+        DataLoader(make_batches(modality, 1, seed=1), batch_size=None),
+    )
     return trainer
 
 
@@ -92,10 +112,15 @@ def test_smoke_training_per_modality_gives_finite_losses_and_wer(modality):
         assert math.isfinite(float(metrics[key])), key
     torch.testing.assert_close(metrics["train/loss_probe_weighted"], 0.5 * metrics["train/loss_probe"])
     wer = float(metrics["val/wer"])
-    assert wer >= 0 and math.isclose(wer, sum(float(metrics[f"val/wer_{p}"])
-                                              for p in ("substitutions", "insertions", "deletions")), abs_tol=1e-6)
+    assert wer >= 0 and math.isclose(
+        wer,
+        sum(float(metrics[f"val/wer_{p}"]) for p in ("substitutions", "insertions", "deletions")),
+        abs_tol=1e-6,
+    )
     assert float(metrics["data/skipped_too_long"]) == 1
-    assert any(not torch.equal(p, lora_before[n]) for n, p in recipe.llm.named_parameters() if n in lora_before)
+    assert any(
+        not torch.equal(p, lora_before[n]) for n, p in recipe.llm.named_parameters() if n in lora_before
+    )
     ctx = probe.seen[-1]
     segments = ctx.batch["segments"]
     assert ctx.hidden_states is not None and list(ctx.attention) == [1]  # tiny Llama: 2 layers
@@ -119,7 +144,10 @@ def test_sink_probe_inputs_and_export_round_trip(tmp_path):
     recipe = build_recipe("audiovisual").eval()
     batch = make_batches("audiovisual", 1)[0]
     inputs, segments = recipe.sink_probe_inputs(batch)
-    assert set(inputs) == {"inputs_embeds", "attention_mask"} and segments.shape == inputs["attention_mask"].shape
+    assert (
+        set(inputs) == {"inputs_embeds", "attention_mask"}
+        and segments.shape == inputs["attention_mask"].shape
+    )
     assert (segments[:, 0] == seg.BOS).all()
     with torch.no_grad():
         for name, p in recipe.llm.named_parameters():
@@ -133,8 +161,12 @@ def test_sink_probe_inputs_and_export_round_trip(tmp_path):
         torch.testing.assert_close(reloaded(**inputs).logits, expected)
     saved = torch.load(paths["avsr_modules"], weights_only=True)
     keys = set(saved["state_dict"])
-    assert any(k.startswith("projectors.audio.") for k in keys) and any(k.startswith("encoders.video.") for k in keys)
-    assert not any(k.startswith(("llm.", "encoders.audio.")) for k in keys)  # adapter separate, Whisper frozen
+    assert any(k.startswith("projectors.audio.") for k in keys) and any(
+        k.startswith("encoders.video.") for k in keys
+    )
+    assert not any(
+        k.startswith(("llm.", "encoders.audio.")) for k in keys
+    )  # adapter separate, Whisper frozen
     assert any(k.endswith("running_mean") for k in keys) and saved["settings"]["modality"] == "audiovisual"
     fresh = build_recipe("audiovisual")
     missing, unexpected = fresh.model.load_state_dict(saved["state_dict"], strict=False)

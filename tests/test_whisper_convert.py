@@ -12,34 +12,52 @@ from models.avsr.audio_encoder import ensure_converted_whisper, load_whisper_enc
 from models.ct2_format import Ct2Model, read_ct2_model, write_ct2_model
 from models.whisper_ct2 import Ct2WhisperFiles, convert_ct2_whisper, folder_files
 
-SPECIALS = ["<|endoftext|>", "<|startoftranscript|>", "<|en|>", "<|transcribe|>", "<|translate|>",
-            "<|notimestamps|>"]
+SPECIALS = [
+    "<|endoftext|>",
+    "<|startoftranscript|>",
+    "<|en|>",
+    "<|transcribe|>",
+    "<|translate|>",
+    "<|notimestamps|>",
+]
 
 
 def _attention_to_ct2(state, hf, ct2, cross):
     q, k, v = (state[f"{hf}.{p}_proj.weight"] for p in "qkv")
     qb, vb = state[f"{hf}.q_proj.bias"], state[f"{hf}.v_proj.bias"]
-    out = {f"{ct2}/layer_norm/gamma": state[f"{hf}_layer_norm.weight"],
-           f"{ct2}/layer_norm/beta": state[f"{hf}_layer_norm.bias"]}
+    out = {
+        f"{ct2}/layer_norm/gamma": state[f"{hf}_layer_norm.weight"],
+        f"{ct2}/layer_norm/beta": state[f"{hf}_layer_norm.bias"],
+    }
     if cross:
-        out |= {f"{ct2}/linear_0/weight": q, f"{ct2}/linear_0/bias": qb,
-                f"{ct2}/linear_1/weight": torch.cat([k, v]), f"{ct2}/linear_1/bias": torch.cat([torch.zeros_like(vb), vb]),
-                f"{ct2}/linear_2/weight": state[f"{hf}.out_proj.weight"], f"{ct2}/linear_2/bias": state[f"{hf}.out_proj.bias"]}
+        out |= {
+            f"{ct2}/linear_0/weight": q,
+            f"{ct2}/linear_0/bias": qb,
+            f"{ct2}/linear_1/weight": torch.cat([k, v]),
+            f"{ct2}/linear_1/bias": torch.cat([torch.zeros_like(vb), vb]),
+            f"{ct2}/linear_2/weight": state[f"{hf}.out_proj.weight"],
+            f"{ct2}/linear_2/bias": state[f"{hf}.out_proj.bias"],
+        }
     else:
-        out |= {f"{ct2}/linear_0/weight": torch.cat([q, k, v]),
-                f"{ct2}/linear_0/bias": torch.cat([qb, torch.zeros_like(qb), vb]),
-                f"{ct2}/linear_1/weight": state[f"{hf}.out_proj.weight"], f"{ct2}/linear_1/bias": state[f"{hf}.out_proj.bias"]}
+        out |= {
+            f"{ct2}/linear_0/weight": torch.cat([q, k, v]),
+            f"{ct2}/linear_0/bias": torch.cat([qb, torch.zeros_like(qb), vb]),
+            f"{ct2}/linear_1/weight": state[f"{hf}.out_proj.weight"],
+            f"{ct2}/linear_1/bias": state[f"{hf}.out_proj.bias"],
+        }
     return out
 
 
 def hf_to_ct2(model: WhisperForConditionalGeneration) -> Ct2Model:
     """What CTranslate2's own converter writes for an HF Whisper (fp16 weights, metadata scalars)."""
     state, cfg = model.state_dict(), model.config
-    var = {"encoder/num_heads": torch.tensor(cfg.encoder_attention_heads, dtype=torch.int16),
-           "decoder/num_heads": torch.tensor(cfg.decoder_attention_heads, dtype=torch.int16),
-           "decoder/activation": torch.tensor(1, dtype=torch.int8),
-           "decoder/scale_embeddings": torch.tensor(0, dtype=torch.int8),
-           "decoder/embeddings/weight": state["model.decoder.embed_tokens.weight"]}
+    var = {
+        "encoder/num_heads": torch.tensor(cfg.encoder_attention_heads, dtype=torch.int16),
+        "decoder/num_heads": torch.tensor(cfg.decoder_attention_heads, dtype=torch.int16),
+        "decoder/activation": torch.tensor(1, dtype=torch.int8),
+        "decoder/scale_embeddings": torch.tensor(0, dtype=torch.int8),
+        "decoder/embeddings/weight": state["model.decoder.embed_tokens.weight"],
+    }
     for stack, layers in (("encoder", cfg.encoder_layers), ("decoder", cfg.decoder_layers)):
         var[f"{stack}/position_encodings/encodings"] = state[f"model.{stack}.embed_positions.weight"]
         var[f"{stack}/layer_norm/gamma"] = state[f"model.{stack}.layer_norm.weight"]
@@ -71,10 +89,22 @@ def tiny_ct2_folder(tmp_path_factory):
     tokenizer.add_special_tokens(SPECIALS)
     tokenizer.save(str(folder / "tokenizer.json"))
     torch.manual_seed(0)
-    config = WhisperConfig(vocab_size=len(vocab) + len(SPECIALS), d_model=16, encoder_layers=2, decoder_layers=2,
-                           encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=32,
-                           decoder_ffn_dim=32, max_source_positions=20, max_target_positions=12,
-                           pad_token_id=27, bos_token_id=27, eos_token_id=27, decoder_start_token_id=28)
+    config = WhisperConfig(
+        vocab_size=len(vocab) + len(SPECIALS),
+        d_model=16,
+        encoder_layers=2,
+        decoder_layers=2,
+        encoder_attention_heads=2,
+        decoder_attention_heads=2,
+        encoder_ffn_dim=32,
+        decoder_ffn_dim=32,
+        max_source_positions=20,
+        max_target_positions=12,
+        pad_token_id=27,
+        bos_token_id=27,
+        eos_token_id=27,
+        decoder_start_token_id=28,
+    )
     original = WhisperForConditionalGeneration(config).eval()
     with torch.no_grad():  # fp16-representable weights, so the conversion must be exact
         for p in original.parameters():
@@ -84,15 +114,26 @@ def tiny_ct2_folder(tmp_path_factory):
     (folder / "model.bin.part1").write_bytes(raw[: len(raw) // 3])
     (folder / "model.bin.part2").write_bytes(raw[len(raw) // 3 :])
     (folder / "whole.bin").unlink()
-    (folder / "config.json").write_text(json.dumps({"suppress_ids": [1, 2], "suppress_ids_begin": [26, 27],
-                                                    "lang_ids": [29], "alignment_heads": [[1, 0]]}))
+    (folder / "config.json").write_text(
+        json.dumps(
+            {
+                "suppress_ids": [1, 2],
+                "suppress_ids_begin": [26, 27],
+                "lang_ids": [29],
+                "alignment_heads": [[1, 0]],
+            }
+        )
+    )
     return folder, original
 
 
 def test_binary_format_round_trip_keeps_every_dtype_and_alias(tmp_path):
     variables = {
-        "a/f32": torch.randn(3, 2), "a/f16": torch.randn(4).half(), "a/bf16": torch.randn(2, 2).bfloat16(),
-        "a/i8": torch.tensor(-3, dtype=torch.int8), "a/i16": torch.tensor([7, -9], dtype=torch.int16),
+        "a/f32": torch.randn(3, 2),
+        "a/f16": torch.randn(4).half(),
+        "a/bf16": torch.randn(2, 2).bfloat16(),
+        "a/i8": torch.tensor(-3, dtype=torch.int8),
+        "a/i16": torch.tensor([7, -9], dtype=torch.int16),
         "a/i32": torch.tensor([[123456]], dtype=torch.int32),
     }
     write_ct2_model(tmp_path / "m.bin", Ct2Model("WhisperSpec", 3, variables, {"b/alias": "a/f32"}))
@@ -121,7 +162,9 @@ def test_conversion_reproduces_the_original_model_exactly(tiny_ct2_folder, tmp_p
     assert converted.config.decoder_start_token_id == 28 and converted.config.eos_token_id == 27
     assert converted.generation_config.suppress_tokens == [1, 2]
     assert converted.generation_config.begin_suppress_tokens == [26, 27]
-    assert (tmp_path / "hf" / "preprocessor_config.json").exists() and (tmp_path / "hf" / "tokenizer.json").exists()
+    assert (tmp_path / "hf" / "preprocessor_config.json").exists() and (
+        tmp_path / "hf" / "tokenizer.json"
+    ).exists()
 
 
 def test_conversion_names_missing_files(tmp_path):
@@ -137,8 +180,10 @@ def test_offline_tiny_en_encoder_is_finite_deterministic_and_close_to_the_30s_wi
     assert extractor.feature_size == 80
     t = torch.arange(16000 * 2) / 16000
     rng = np.random.default_rng(0)
-    audio = (0.3 * torch.sin(2 * torch.pi * 220 * t) * torch.sin(2 * torch.pi * 3 * t)
-             + 0.01 * torch.from_numpy(rng.standard_normal(t.shape[0])).float())[None]
+    audio = (
+        0.3 * torch.sin(2 * torch.pi * 220 * t) * torch.sin(2 * torch.pi * 3 * t)
+        + 0.01 * torch.from_numpy(rng.standard_normal(t.shape[0])).float()
+    )[None]
     lengths = torch.tensor([audio.shape[1]])
     true_length = load_whisper_encoder(str(folder), true_length=True)
     window = load_whisper_encoder(str(folder), true_length=False)

@@ -80,11 +80,15 @@ def encode_true_length(encoder: WhisperEncoder, mel: torch.Tensor, frames: torch
     hidden = nn.functional.gelu(encoder.conv2(hidden)).permute(0, 2, 1)  # [B, N, D]
     num = hidden.shape[1]
     if num > encoder.embed_positions.num_embeddings:
-        raise ValueError(f"{num} encoder frames exceed Whisper's {encoder.embed_positions.num_embeddings} positions "
-                         "(30 s); split longer clips")
+        raise ValueError(
+            f"{num} encoder frames exceed Whisper's {encoder.embed_positions.num_embeddings} positions "
+            "(30 s); split longer clips"
+        )
     hidden = hidden + encoder.embed_positions.weight[:num]
     hidden = nn.functional.dropout(hidden, p=encoder.dropout, training=encoder.training)
-    valid = torch.arange(num, device=mel.device)[None] < torch.div(frames + 1, 2, rounding_mode="floor")[:, None]
+    valid = (
+        torch.arange(num, device=mel.device)[None] < torch.div(frames + 1, 2, rounding_mode="floor")[:, None]
+    )
     additive = torch.zeros(valid.shape, dtype=hidden.dtype, device=hidden.device)
     additive = additive.masked_fill(~valid, torch.finfo(hidden.dtype).min)[:, None, None, :]  # [B,1,1,N]
     for layer in encoder.layers:
@@ -92,14 +96,23 @@ def encode_true_length(encoder: WhisperEncoder, mel: torch.Tensor, frames: torch
     return encoder.layer_norm(hidden)
 
 
-def load_whisper_encoder(source: str, true_length: bool = False, frozen: bool = True, dtype: str = "fp32",
-                         attn_implementation: str = "sdpa") -> WhisperAudioEncoder:
+def load_whisper_encoder(
+    source: str,
+    true_length: bool = False,
+    frozen: bool = True,
+    dtype: str = "fp32",
+    attn_implementation: str = "sdpa",
+) -> WhisperAudioEncoder:
     """Whisper encoder from a hub id (`openai/whisper-medium`) or a local HF folder; the decoder is dropped."""
-    model = WhisperModel.from_pretrained(source, dtype=resolve_dtype(dtype), attn_implementation=attn_implementation)
+    model = WhisperModel.from_pretrained(
+        source, dtype=resolve_dtype(dtype), attn_implementation=attn_implementation
+    )
     return WhisperAudioEncoder(model.get_encoder(), true_length=true_length, frozen=frozen)
 
 
-def ensure_converted_whisper(name: str = "tiny.en", cache_dir: str | Path = "artifacts/models/whisper-tiny.en") -> Path:
+def ensure_converted_whisper(
+    name: str = "tiny.en", cache_dir: str | Path = "artifacts/models/whisper-tiny.en"
+) -> Path:
     """Convert an offline wheel's CTranslate2 Whisper into an HF folder once; later calls reuse it.
 
     Conversion goes to a temporary sibling folder renamed into place, so concurrent ranks or an interrupted
@@ -122,7 +135,8 @@ def ensure_converted_whisper(name: str = "tiny.en", cache_dir: str | Path = "art
     return cache_dir
 
 
-def load_offline_whisper_encoder(name: str = "tiny.en", cache_dir: str | Path = "artifacts/models/whisper-tiny.en",
-                                 **kwargs) -> WhisperAudioEncoder:
+def load_offline_whisper_encoder(
+    name: str = "tiny.en", cache_dir: str | Path = "artifacts/models/whisper-tiny.en", **kwargs
+) -> WhisperAudioEncoder:
     """The embedded default: a real Whisper from the offline wheels, converted on first use (idempotent)."""
     return load_whisper_encoder(str(ensure_converted_whisper(name, cache_dir)), **kwargs)

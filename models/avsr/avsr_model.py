@@ -31,10 +31,19 @@ class AVSRModel(nn.Module):
     bos_token: first token (default: the tokenizer's BOS).
     """
 
-    def __init__(self, llm: nn.Module, tokenizer, modality: str, prompt: str,
-                 audio_encoder: nn.Module | None = None, video_encoder: nn.Module | None = None,
-                 audio_projector: nn.Module | None = None, video_projector: nn.Module | None = None,
-                 delimiters: dict | None = None, bos_token: str | None = None):
+    def __init__(
+        self,
+        llm: nn.Module,
+        tokenizer,
+        modality: str,
+        prompt: str,
+        audio_encoder: nn.Module | None = None,
+        video_encoder: nn.Module | None = None,
+        audio_projector: nn.Module | None = None,
+        video_projector: nn.Module | None = None,
+        delimiters: dict | None = None,
+        bos_token: str | None = None,
+    ):
         super().__init__()
         if modality not in MODALITIES:
             raise ValueError(f"modality must be one of {sorted(MODALITIES)}, got {modality!r}")
@@ -97,11 +106,16 @@ class AVSRModel(nn.Module):
             for name in self.modalities:
                 values, lengths = tokens[name]
                 segment = seg.AUDIO if name == "audio" else seg.VIDEO
-                pieces += [Piece(fixed[f"{name}_open"], seg.DELIMITER), Piece(values[b, : lengths[b]], segment),
-                           Piece(fixed[f"{name}_close"], seg.DELIMITER)]
+                pieces += [
+                    Piece(fixed[f"{name}_open"], seg.DELIMITER),
+                    Piece(values[b, : lengths[b]], segment),
+                    Piece(fixed[f"{name}_close"], seg.DELIMITER),
+                ]
             pieces.append(Piece(fixed["prompt"], seg.PROMPT))
             if with_targets:
-                target = torch.tensor(self._ids(" " + batch["text"][b].strip()) + [self.eos_id], device=device)
+                target = torch.tensor(
+                    self._ids(" " + batch["text"][b].strip()) + [self.eos_id], device=device
+                )
                 pieces.append(Piece(self._embed(target, device), seg.TARGET, labels=target))
             rows.append(pieces)
         return pack_rows(rows, padding_side="right" if with_targets else "left")
@@ -111,7 +125,12 @@ class AVSRModel(nn.Module):
         """Greedy (num_beams=1) or beam-search transcripts for a batch (left-padded prefixes, batched)."""
         packed = self.build_inputs(batch, with_targets=False)
         output = self.llm.generate(
-            **packed.llm_inputs(), max_new_tokens=max_new_tokens, num_beams=num_beams, do_sample=False,
-            eos_token_id=self.eos_id, pad_token_id=self.tokenizer.pad_token_id, **kwargs,
+            **packed.llm_inputs(),
+            max_new_tokens=max_new_tokens,
+            num_beams=num_beams,
+            do_sample=False,
+            eos_token_id=self.eos_id,
+            pad_token_id=self.tokenizer.pad_token_id,
+            **kwargs,
         )  # with inputs_embeds only, decoder-only models return just the new tokens
         return [text.strip() for text in self.tokenizer.batch_decode(output, skip_special_tokens=True)]

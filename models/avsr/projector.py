@@ -46,8 +46,15 @@ class ModalityProjector(nn.Module):
         layer_norm: normalise the compressed features before the MLP.
     """
 
-    def __init__(self, input_dim: int, output_dim: int, rate: int = 1, compression: str = "stack",
-                 hidden_dim: int | None = None, layer_norm: bool = False):
+    def __init__(
+        self,
+        input_dim: int,
+        output_dim: int,
+        rate: int = 1,
+        compression: str = "stack",
+        hidden_dim: int | None = None,
+        layer_norm: bool = False,
+    ):
         super().__init__()
         if not 1 <= rate <= 32:
             raise ValueError(f"compression rate must be in 1..32, got {rate}")

@@ -34,8 +34,9 @@ class BasicBlock(nn.Module):
         self.relu2 = make_activation(activation, channels)
         self.downsample = None
         if stride != 1 or in_channels != channels:
-            self.downsample = nn.Sequential(nn.Conv2d(in_channels, channels, 1, stride=stride, bias=False),
-                                            nn.BatchNorm2d(channels))
+            self.downsample = nn.Sequential(
+                nn.Conv2d(in_channels, channels, 1, stride=stride, bias=False), nn.BatchNorm2d(channels)
+            )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         residual = x if self.downsample is None else self.downsample(x)
@@ -52,7 +53,10 @@ class ResNet18Trunk(nn.Module):
         widths, strides = (c, 2 * c, 4 * c, 8 * c), (1, 2, 2, 2)
         in_channels = c
         for index, (width, stride) in enumerate(zip(widths, strides), start=1):
-            blocks = [BasicBlock(in_channels, width, stride, activation), BasicBlock(width, width, 1, activation)]
+            blocks = [
+                BasicBlock(in_channels, width, stride, activation),
+                BasicBlock(width, width, 1, activation),
+            ]
             setattr(self, f"layer{index}", nn.Sequential(*blocks))
             in_channels = width
         self.avgpool = nn.AdaptiveAvgPool2d(1)

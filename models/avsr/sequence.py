@@ -50,13 +50,21 @@ def pack_rows(rows: list[list[Piece]], padding_side: str = "right") -> PackedSeq
     for pieces in rows:
         embeds.append(torch.cat([p.embeds for p in pieces]))
         device = embeds[-1].device
-        labels.append(torch.cat([
-            p.labels.to(device) if p.labels is not None
-            else torch.full((len(p.embeds),), IGNORE_INDEX, dtype=torch.long, device=device)
-            for p in pieces
-        ]))
-        segments.append(torch.cat([torch.full((len(p.embeds),), p.segment, dtype=torch.long, device=device)
-                                   for p in pieces]))
+        labels.append(
+            torch.cat(
+                [
+                    p.labels.to(device)
+                    if p.labels is not None
+                    else torch.full((len(p.embeds),), IGNORE_INDEX, dtype=torch.long, device=device)
+                    for p in pieces
+                ]
+            )
+        )
+        segments.append(
+            torch.cat(
+                [torch.full((len(p.embeds),), p.segment, dtype=torch.long, device=device) for p in pieces]
+            )
+        )
     longest = max(len(e) for e in embeds)
     batch, dim = len(rows), embeds[0].shape[-1]
     out_embeds = embeds[0].new_zeros(batch, longest, dim)

@@ -10,18 +10,32 @@ from models.avsr.audio_encoder import WhisperAudioEncoder
 from models.avsr.video_encoder import ResNet18VideoEncoder
 
 
-def tiny_whisper_config(d_model: int = 32, layers: int = 2, heads: int = 2, max_source_positions: int = 1500,
-                        num_mel_bins: int = 80) -> WhisperConfig:
+def tiny_whisper_config(
+    d_model: int = 32,
+    layers: int = 2,
+    heads: int = 2,
+    max_source_positions: int = 1500,
+    num_mel_bins: int = 80,
+) -> WhisperConfig:
     """A 2-layer, 32-wide Whisper; `max_source_positions` 1500 keeps the real 30 s window."""
     return WhisperConfig(
-        vocab_size=51864, num_mel_bins=num_mel_bins, d_model=d_model, encoder_layers=layers, decoder_layers=1,
-        encoder_attention_heads=heads, decoder_attention_heads=heads, encoder_ffn_dim=2 * d_model,
-        decoder_ffn_dim=2 * d_model, max_source_positions=max_source_positions, max_target_positions=32,
+        vocab_size=51864,
+        num_mel_bins=num_mel_bins,
+        d_model=d_model,
+        encoder_layers=layers,
+        decoder_layers=1,
+        encoder_attention_heads=heads,
+        decoder_attention_heads=heads,
+        encoder_ffn_dim=2 * d_model,
+        decoder_ffn_dim=2 * d_model,
+        max_source_positions=max_source_positions,
+        max_target_positions=32,
     )
 
 
-def build_tiny_whisper_encoder(true_length: bool = True, frozen: bool = True, seed: int = 0,
-                               **config_overrides) -> WhisperAudioEncoder:
+def build_tiny_whisper_encoder(
+    true_length: bool = True, frozen: bool = True, seed: int = 0, **config_overrides
+) -> WhisperAudioEncoder:
     """Random tiny Whisper encoder wrapped like the real one (same frontend and true-length path)."""
     with torch.random.fork_rng():
         torch.manual_seed(seed)
@@ -29,10 +43,12 @@ def build_tiny_whisper_encoder(true_length: bool = True, frozen: bool = True, se
     return WhisperAudioEncoder(encoder.eval(), true_length=true_length, frozen=frozen)
 
 
-def build_tiny_video_encoder(base_channels: int = 4, temporal_layers: int = 0, frozen: bool = False,
-                             seed: int = 0) -> ResNet18VideoEncoder:
+def build_tiny_video_encoder(
+    base_channels: int = 4, temporal_layers: int = 0, frozen: bool = False, seed: int = 0
+) -> ResNet18VideoEncoder:
     """ResNet-18 lip encoder with C=4 channels (output 32-d per frame)."""
     with torch.random.fork_rng():
         torch.manual_seed(seed)
-        return ResNet18VideoEncoder(base_channels=base_channels, temporal_layers=temporal_layers,
-                                    temporal_heads=2, frozen=frozen)
+        return ResNet18VideoEncoder(
+            base_channels=base_channels, temporal_layers=temporal_layers, temporal_heads=2, frozen=frozen
+        )

@@ -24,12 +24,15 @@ class VideoEncoder(nn.Module):
     def forward(self, video: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         raise NotImplementedError
 
-    def load_checkpoint(self, path: str | Path, key: str | None = None, strip_prefix: str = "",
-                        strict: bool = True) -> None:
+    def load_checkpoint(
+        self, path: str | Path, key: str | None = None, strip_prefix: str = "", strict: bool = True
+    ) -> None:
         """Load a state_dict saved with `torch.save` (optionally under `checkpoint[key]`, names prefixed)."""
         path = Path(path).expanduser()
         if not path.exists():
-            raise FileNotFoundError(f"video encoder checkpoint {path} does not exist (`video_encoder.checkpoint`)")
+            raise FileNotFoundError(
+                f"video encoder checkpoint {path} does not exist (`video_encoder.checkpoint`)"
+            )
         state = torch.load(path, map_location="cpu", weights_only=True)
         if key is not None:
             if key not in state:
@@ -41,9 +44,11 @@ class VideoEncoder(nn.Module):
                 raise ValueError(f"no tensor in {path} starts with {strip_prefix!r}")
         missing, unexpected = self.load_state_dict(state, strict=False)
         if strict and (missing or unexpected):
-            raise ValueError(f"checkpoint {path} does not match {type(self).__name__}: "
-                             f"missing {missing[:6]}{'...' if len(missing) > 6 else ''}, "
-                             f"unexpected {unexpected[:6]}{'...' if len(unexpected) > 6 else ''}")
+            raise ValueError(
+                f"checkpoint {path} does not match {type(self).__name__}: "
+                f"missing {missing[:6]}{'...' if len(missing) > 6 else ''}, "
+                f"unexpected {unexpected[:6]}{'...' if len(unexpected) > 6 else ''}"
+            )
 
 
 def sinusoidal_positions(length: int, dim: int, device: torch.device) -> torch.Tensor:
@@ -72,9 +77,18 @@ class ResNet18VideoEncoder(VideoEncoder):
         checkpoint / checkpoint_key / checkpoint_prefix: optional weights (see `load_checkpoint`).
     """
 
-    def __init__(self, base_channels: int = 64, activation: str = "prelu", temporal_layers: int = 0, temporal_heads: int = 8,
-                 dropout: float = 0.1, frozen: bool = False, checkpoint: str | None = None,
-                 checkpoint_key: str | None = None, checkpoint_prefix: str = ""):
+    def __init__(
+        self,
+        base_channels: int = 64,
+        activation: str = "prelu",
+        temporal_layers: int = 0,
+        temporal_heads: int = 8,
+        dropout: float = 0.1,
+        frozen: bool = False,
+        checkpoint: str | None = None,
+        checkpoint_key: str | None = None,
+        checkpoint_prefix: str = "",
+    ):
         super().__init__()
         c = base_channels
         self.frontend3D = nn.Sequential(  # auto_avsr's name, so its checkpoints load
@@ -87,8 +101,15 @@ class ResNet18VideoEncoder(VideoEncoder):
         self.output_dim = self.trunk.output_dim
         self.temporal = None
         if temporal_layers > 0:
-            layer = nn.TransformerEncoderLayer(self.output_dim, temporal_heads, 4 * self.output_dim, dropout,
-                                               activation="gelu", batch_first=True, norm_first=True)
+            layer = nn.TransformerEncoderLayer(
+                self.output_dim,
+                temporal_heads,
+                4 * self.output_dim,
+                dropout,
+                activation="gelu",
+                batch_first=True,
+                norm_first=True,
+            )
             self.temporal = nn.TransformerEncoder(layer, temporal_layers, enable_nested_tensor=False)
         if checkpoint:
             self.load_checkpoint(checkpoint, checkpoint_key, checkpoint_prefix)

@@ -23,14 +23,28 @@ class WhisperLogMel(nn.Module):
     valid frame reaches the reflect padding of `torch.stft`, and the floor uses each clip's own frames.
     """
 
-    def __init__(self, n_mels: int = 80, sample_rate: int = 16000, n_fft: int = 400, hop_length: int = 160,
-                 pad_to_samples: int | None = None):
+    def __init__(
+        self,
+        n_mels: int = 80,
+        sample_rate: int = 16000,
+        n_fft: int = 400,
+        hop_length: int = 160,
+        pad_to_samples: int | None = None,
+    ):
         super().__init__()
         self.n_fft, self.hop_length, self.pad_to_samples = n_fft, hop_length, pad_to_samples
-        filters = mel_filter_bank(num_frequency_bins=1 + n_fft // 2, num_mel_filters=n_mels, min_frequency=0.0,
-                                  max_frequency=sample_rate / 2, sampling_rate=sample_rate, norm="slaney",
-                                  mel_scale="slaney")
-        self.register_buffer("mel_filters", torch.from_numpy(filters).float().T.contiguous(), persistent=False)
+        filters = mel_filter_bank(
+            num_frequency_bins=1 + n_fft // 2,
+            num_mel_filters=n_mels,
+            min_frequency=0.0,
+            max_frequency=sample_rate / 2,
+            sampling_rate=sample_rate,
+            norm="slaney",
+            mel_scale="slaney",
+        )
+        self.register_buffer(
+            "mel_filters", torch.from_numpy(filters).float().T.contiguous(), persistent=False
+        )
         self.register_buffer("window", torch.hann_window(n_fft), persistent=False)
 
     def frame_lengths(self, lengths: torch.Tensor) -> torch.Tensor:
@@ -41,8 +55,10 @@ class WhisperLogMel(nn.Module):
     def forward(self, audio: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         samples = audio.shape[1] if self.pad_to_samples is None else self.pad_to_samples
         if audio.shape[1] > samples:
-            raise ValueError(f"clips of {audio.shape[1]} samples exceed the {samples}-sample Whisper window; "
-                             "use the true-length encoder or shorter clips")
+            raise ValueError(
+                f"clips of {audio.shape[1]} samples exceed the {samples}-sample Whisper window; "
+                "use the true-length encoder or shorter clips"
+            )
         positions = torch.arange(audio.shape[1], device=audio.device)
         audio = audio.float() * (positions[None] < lengths[:, None])  # ignore anything past each clip
         frames = samples // self.hop_length
@@ -50,7 +66,9 @@ class WhisperLogMel(nn.Module):
         stft = torch.stft(audio, self.n_fft, self.hop_length, window=self.window, return_complex=True)
         power = stft[..., :frames].abs() ** 2
         log_spec = torch.clamp(self.mel_filters @ power, min=1e-10).log10()  # [B, n_mels, frames]
-        valid = self.frame_lengths(lengths) if self.pad_to_samples is None else torch.full_like(lengths, frames)
+        valid = (
+            self.frame_lengths(lengths) if self.pad_to_samples is None else torch.full_like(lengths, frames)
+        )
         in_clip = torch.arange(frames, device=audio.device)[None, None] < valid[:, None, None]
         clip_max = log_spec.masked_fill(~in_clip, float("-inf")).amax(dim=(1, 2), keepdim=True)
         log_spec = torch.maximum(log_spec, clip_max - 8.0)
