@@ -133,4 +133,9 @@ class AVSRModel(nn.Module):
             pad_token_id=self.tokenizer.pad_token_id,
             **kwargs,
         )  # with inputs_embeds only, decoder-only models return just the new tokens
-        return [text.strip() for text in self.tokenizer.batch_decode(output, skip_special_tokens=True)]
+        return [
+            text.strip()
+            for text in self.tokenizer.batch_decode(
+                output, skip_special_tokens=True, clean_up_tokenization_spaces=False
+            )
+        ]
