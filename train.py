@@ -36,6 +36,14 @@ def resolve_ckpt_path(ckpt_path: str | None, run_dir: Path) -> str | None:
 
 
 def train(cfg: DictConfig) -> dict:
+    """Fit, validate before/after, export, print the summary; W&B is always finished, even on errors."""
+    try:
+        return _train(cfg)
+    finally:
+        _finish_wandb()
+
+
+def _train(cfg: DictConfig) -> dict:
     run_dir = Path(cfg.paths.run_dir)
     L.seed_everything(cfg.seed, workers=True)
     objectives = instantiate_named(cfg.get("objective"))
@@ -81,10 +89,7 @@ def _metrics(results: list[dict]) -> dict:
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 def main(cfg: DictConfig) -> None:
-    try:
-        train(cfg)
-    finally:
-        _finish_wandb()
+    train(cfg)
 
 
 def _finish_wandb() -> None:

@@ -19,8 +19,9 @@ from torchmetrics import MeanMetric
 from metrics.wer import CorpusWER
 from models.attention_capture import disable_capture
 from models.avsr.avsr_model import MODALITIES, AVSRModel
-from models.lora import apply_lora, count_parameters, set_trainable
+from models.lora import count_parameters, set_trainable
 from recipes.avsr_export import export_avsr, trainable_state_keys
+from recipes.llm_setup import prepare_llm
 from recipes.objectives.base import Objective
 from recipes.objectives.compose import ObjectiveSet, total_loss
 from recipes.optim import configure_optimizers
@@ -80,12 +81,7 @@ class AVSRRecipe(L.LightningModule):
         if modality not in MODALITIES:
             raise ValueError(f"model.modality must be one of {sorted(MODALITIES)}, got {modality!r}")
         self.objectives = ObjectiveSet(objectives)
-        llm, self.tokenizer = backbone()
-        extra_tokens = self.objectives.setup(llm, self.tokenizer)
-        if lora is not None:
-            llm = apply_lora(llm, trainable_token_indices=extra_tokens, **lora)
-        if gradient_checkpointing:
-            llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        llm, self.tokenizer = prepare_llm(backbone, self.objectives, lora, None, gradient_checkpointing)
         width = llm.config.hidden_size
         parts = {}
         for name, build_encoder, build_projector in (

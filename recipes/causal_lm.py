@@ -11,8 +11,9 @@ import torch
 from torchmetrics import MeanMetric
 
 from models.attention_capture import disable_capture
-from models.lora import apply_lora, count_parameters, set_trainable
+from models.lora import count_parameters
 from recipes import segments as seg
+from recipes.llm_setup import prepare_llm
 from recipes.objectives.base import Objective
 from recipes.objectives.compose import ObjectiveSet, total_loss
 from recipes.objectives.window import WindowTokenNormaliser
@@ -40,24 +41,14 @@ class CausalLMRecipe(L.LightningModule):
         super().__init__()
         self.save_hyperparameters(ignore=["backbone", "optimizer", "scheduler", "objectives"])
         self.objectives = ObjectiveSet(objectives)
-        llm, self.tokenizer = backbone()
-        extra_tokens = self.objectives.setup(llm, self.tokenizer)
-        if lora is not None:
-            llm = apply_lora(llm, trainable_token_indices=extra_tokens, **lora)
-        if trainable:
-            set_trainable(llm, trainable.get("freeze", []), trainable.get("unfreeze", []))
-        if gradient_checkpointing:
-            llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-            if hasattr(llm, "enable_input_require_grads"):
-                llm.enable_input_require_grads()
-        self.llm = llm.train()  # from_pretrained returns eval mode; Lightning keeps submodule modes as found
+        self.llm, self.tokenizer = prepare_llm(backbone, self.objectives, lora, trainable, gradient_checkpointing)
         self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
         self.ce_weight, self.seed = ce_weight, seed
         self.token_sum = self.objectives.sums_over_tokens
         self.window = WindowTokenNormaliser()
         self.val_loss = MeanMetric()
         self.strict_loading = False  # checkpoints hold only the trainable weights
-        trainable_count, total = count_parameters(llm)
+        trainable_count, total = count_parameters(self.llm)
         log.info("parameters: %s trainable of %s (%.3f%%)", f"{trainable_count:,}", f"{total:,}",
                  100 * trainable_count / max(1, total))
 

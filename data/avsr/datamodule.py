@@ -193,6 +193,14 @@ class AVSRDataModule(L.LightningDataModule):
             self.skip_tally.add(stage, batch["skipped"])
         return batch
 
+    def summary_lines(self) -> list[str]:
+        """Skipped clips of this process over the whole run, per stage, for the end-of-run summary."""
+        if not self.skip_tally.run_totals:
+            return ["data: no clip skipped"]
+        parts = [f"{stage} {sum(c.values())} ({', '.join(f'{r} {n}' for r, n in c.items() if n) or 'none'})"
+                 for stage, c in sorted(self.skip_tally.run_totals.items())]
+        return ["data: clips skipped: " + "; ".join(parts)]
+
     def report_skipped(self, stage: str) -> dict[str, int]:
         """Log and return the skipped-clip totals of `stage` since the last report (all ranks summed when a
         process group is up: call it on every rank), then reset them."""

@@ -37,11 +37,13 @@ class SkipTally:
 
     def __init__(self) -> None:
         self.totals: dict[str, dict[str, int]] = {}
+        self.run_totals: dict[str, dict[str, int]] = {}  # never reset: for the end-of-run summary
 
     def add(self, stage: str, skipped: dict[str, int]) -> None:
-        totals = self.totals.setdefault(stage, zero_counts())
-        for reason, count in skipped.items():
-            totals[reason] = totals.get(reason, 0) + int(count)
+        for table in (self.totals, self.run_totals):
+            totals = table.setdefault(stage, zero_counts())
+            for reason, count in skipped.items():
+                totals[reason] = totals.get(reason, 0) + int(count)
 
     def pop(self, stage: str) -> dict[str, int]:
         """Totals since the last pop, summed over DDP ranks when a process group is up (call on every

@@ -1,0 +1,29 @@
+"""Build the trainable LLM of a recipe: backbone -> objective set-up -> LoRA -> trainable regexes."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+
+from models.lora import apply_lora, set_trainable
+from recipes.objectives.compose import ObjectiveSet
+
+
+def prepare_llm(backbone: Callable, objectives: ObjectiveSet, lora: Mapping | None = None,
+                trainable: Mapping | None = None, gradient_checkpointing: bool = False):
+    """Return (llm, tokenizer) ready to train.
+
+    Objectives set up before LoRA (MEAP adds `[MASK]` and its row stays trainable through peft's
+    trainable tokens); the model is put in train mode because `from_pretrained` returns eval mode and
+    Lightning keeps submodule modes as it finds them.
+    """
+    llm, tokenizer = backbone()
+    extra_tokens = objectives.setup(llm, tokenizer)
+    if lora is not None:
+        llm = apply_lora(llm, trainable_token_indices=extra_tokens, **lora)
+    if trainable:
+        set_trainable(llm, trainable.get("freeze", []), trainable.get("unfreeze", []))
+    if gradient_checkpointing:
+        llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if hasattr(llm, "enable_input_require_grads"):
+            llm.enable_input_require_grads()
+    return llm.train(), tokenizer
