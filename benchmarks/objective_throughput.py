@@ -35,10 +35,24 @@ from recipes.objectives.compose import ObjectiveSet, total_loss  # noqa: E402
 from recipes.objectives.decorr import BosDecorrelationObjective  # noqa: E402
 from recipes.objectives.meap import MeapObjective, grow_embeddings  # noqa: E402
 
-LLAMA_1B = dict(hidden_size=2048, num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8,
-                intermediate_size=8192, vocab_size=128256, rope_theta=500000.0)
-TINY = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-            intermediate_size=128, vocab_size=512, rope_theta=500000.0)
+LLAMA_1B = dict(
+    hidden_size=2048,
+    num_hidden_layers=16,
+    num_attention_heads=32,
+    num_key_value_heads=8,
+    intermediate_size=8192,
+    vocab_size=128256,
+    rope_theta=500000.0,
+)
+TINY = dict(
+    hidden_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    intermediate_size=128,
+    vocab_size=512,
+    rope_theta=500000.0,
+)
 
 
 def build_objectives(name: str) -> dict:
@@ -53,12 +67,20 @@ def build_objectives(name: str) -> dict:
     raise ValueError(f"unknown objective {name!r}")
 
 
-def build_model(shape: dict, max_len: int, objectives: dict, device: torch.device, dtype: torch.dtype, seed: int):
+def build_model(
+    shape: dict, max_len: int, objectives: dict, device: torch.device, dtype: torch.dtype, seed: int
+):
     """Random Llama with LoRA r16 on all linear layers; MEAP's [MASK] row appended and kept trainable."""
-    config = LlamaConfig(**{k: v for k, v in shape.items() if k != "rope_theta"},
-                         rope_parameters={"rope_type": "default", "rope_theta": shape["rope_theta"]},
-                         max_position_embeddings=max_len, tie_word_embeddings=True, use_cache=False,
-                         pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    config = LlamaConfig(
+        **{k: v for k, v in shape.items() if k != "rope_theta"},
+        rope_parameters={"rope_type": "default", "rope_theta": shape["rope_theta"]},
+        max_position_embeddings=max_len,
+        tie_word_embeddings=True,
+        use_cache=False,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
     torch.manual_seed(seed)
     with torch.device(device):
         model = LlamaForCausalLM(config)
@@ -70,8 +92,14 @@ def build_model(shape: dict, max_len: int, objectives: dict, device: torch.devic
             grow_embeddings(model, shape["vocab_size"] + 1)
             objective.mask_token_id = shape["vocab_size"]
             extra_tokens.append(objective.mask_token_id)
-    model = apply_lora(model, r=16, alpha=32, dropout=0.0, target_modules="all-linear",
-                       trainable_token_indices=extra_tokens or None)
+    model = apply_lora(
+        model,
+        r=16,
+        alpha=32,
+        dropout=0.0,
+        target_modules="all-linear",
+        trainable_token_indices=extra_tokens or None,
+    )
     model.train()
     return model
 
@@ -82,8 +110,11 @@ def make_batch(batch: int, length: int, vocab: int, device: torch.device, seed: 
     input_ids = torch.randint(3, vocab, (batch, length), generator=gen)
     labels = input_ids.clone()
     labels[:, : length // 4] = -100
-    return {"input_ids": input_ids.to(device), "labels": labels.to(device),
-            "attention_mask": torch.ones(batch, length, dtype=torch.long, device=device)}
+    return {
+        "input_ids": input_ids.to(device),
+        "labels": labels.to(device),
+        "attention_mask": torch.ones(batch, length, dtype=torch.long, device=device),
+    }
 
 
 def train_step(model, optimizer, objectives: ObjectiveSet, batch: dict, step: int) -> float:
@@ -97,8 +128,16 @@ def train_step(model, optimizer, objectives: ObjectiveSet, batch: dict, step: in
     return float(total.detach())
 
 
-def measure(name: str, shape: dict, batch_size: int, length: int, steps: int, warmup: int,
-            device: torch.device, dtype: torch.dtype) -> dict:
+def measure(
+    name: str,
+    shape: dict,
+    batch_size: int,
+    length: int,
+    steps: int,
+    warmup: int,
+    device: torch.device,
+    dtype: torch.dtype,
+) -> dict:
     """tokens/s and peak memory of `steps` timed training steps after `warmup` untimed ones."""
     row = {"objective": name, "batch": batch_size, "seq_len": length}
     model = optimizer = None
@@ -122,8 +161,12 @@ def measure(name: str, shape: dict, batch_size: int, length: int, steps: int, wa
             if device.type == "cuda":
                 torch.cuda.synchronize()
             elapsed += time.perf_counter() - start
-        row.update(tokens_per_s=batch_size * length * steps / elapsed, step_s=elapsed / steps, loss=loss,
-                   peak_mem_gib=torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None)
+        row.update(
+            tokens_per_s=batch_size * length * steps / elapsed,
+            step_s=elapsed / steps,
+            loss=loss,
+            peak_mem_gib=torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None,
+        )
     except torch.OutOfMemoryError:
         row.update(tokens_per_s=None, step_s=None, loss=None, peak_mem_gib=None, error="OOM")
     finally:
@@ -149,13 +192,17 @@ def markdown(rows: list[dict]) -> str:
     def fmt(value, spec, suffix=""):
         return "-" if value is None else format(value, spec) + suffix
 
-    lines = ["| objective | B x T | tokens/s | vs none | peak mem (GiB) | mem vs none |",
-             "|---|---|---:|---:|---:|---:|"]
+    lines = [
+        "| objective | B x T | tokens/s | vs none | peak mem (GiB) | mem vs none |",
+        "|---|---|---:|---:|---:|---:|",
+    ]
     for r in rows:
         speed = r.get("error") or fmt(r.get("tokens_per_s"), ",.0f")
-        lines.append(f"| {r['objective']} | {r['batch']} x {r['seq_len']} | {speed} | "
-                     f"{fmt(r.get('speed_ratio'), '.3f', 'x')} | {fmt(r.get('peak_mem_gib'), '.1f')} | "
-                     f"{fmt(r.get('memory_ratio'), '.2f', 'x')} |")
+        lines.append(
+            f"| {r['objective']} | {r['batch']} x {r['seq_len']} | {speed} | "
+            f"{fmt(r.get('speed_ratio'), '.3f', 'x')} | {fmt(r.get('peak_mem_gib'), '.1f')} | "
+            f"{fmt(r.get('memory_ratio'), '.2f', 'x')} |"
+        )
     return "\n".join(lines)
 
 
@@ -169,9 +216,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=None, help="timed steps, default 10 (tiny: 2)")
     parser.add_argument("--warmup", type=int, default=None, help="untimed steps, default 3 (tiny: 1)")
     parser.add_argument("--objectives", default="none,decorr,adl,meap")
-    parser.add_argument("--repeats", type=int, default=1,
-                        help="measure every row this many times, interleaved, and keep the fastest (GPU clocks "
-                             "and allocator state drift; interleaving keeps the ratios fair)")
+    parser.add_argument(
+        "--repeats",
+        type=int,
+        default=1,
+        help="measure every row this many times, interleaved, and keep the fastest (GPU clocks "
+        "and allocator state drift; interleaving keeps the ratios fair)",
+    )
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default=None, help="bf16 (default on CUDA) | fp32 (default on CPU)")
     parser.add_argument("--json", required=True, help="where to write the results")
@@ -209,9 +260,16 @@ def main(argv=None) -> list[dict]:
     table = markdown(rows)
     print(table)
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    env = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-           "torch": torch.__version__, "dtype": args.dtype, "tiny": args.tiny, "steps": args.steps,
-           "warmup": args.warmup, "repeats": args.repeats, "command": " ".join(sys.argv)}
+    env = {
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "torch": torch.__version__,
+        "dtype": args.dtype,
+        "tiny": args.tiny,
+        "steps": args.steps,
+        "warmup": args.warmup,
+        "repeats": args.repeats,
+        "command": " ".join(sys.argv),
+    }
     Path(args.json).write_text(json.dumps({"environment": env, "rows": rows}, indent=2))
     return rows
 

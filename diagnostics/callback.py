@@ -90,7 +90,9 @@ class SinkDiagnosticsCallback(Callback):
         self.probe_batch_size = probe_batch_size
         self.layers_to_log = list(layers_to_log) if layers_to_log is not None else None
         self.probe_kwargs = dict(
-            sink_eps=sink_eps, sink_key_position=sink_key_position, chunk_size=chunk_size,
+            sink_eps=sink_eps,
+            sink_key_position=sink_key_position,
+            chunk_size=chunk_size,
             intermediate_cosine_threshold=intermediate_cosine_threshold,
             intermediate_attention_threshold=intermediate_attention_threshold,
         )
@@ -173,7 +175,11 @@ def _model_name(llm: torch.nn.Module) -> str:
 
 def _first_val_dataloader(trainer: L.Trainer):
     datamodule = getattr(trainer, "datamodule", None)
-    loaders = datamodule.val_dataloader() if datamodule is not None and hasattr(datamodule, "val_dataloader") else None
+    loaders = (
+        datamodule.val_dataloader()
+        if datamodule is not None and hasattr(datamodule, "val_dataloader")
+        else None
+    )
     if loaders is None:
         loaders = trainer.val_dataloaders
     if isinstance(loaders, list | tuple):

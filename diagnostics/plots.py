@@ -35,8 +35,12 @@ def plot_layer_curves(report: SinkReport, path: str | Path, title: str = "") -> 
     layers = [row.layer for row in report.layers]
     figure = _new_figure(10, 4)
     attention_axes, ratio_axes = figure.subplots(1, 2)
-    attention_axes.plot(layers, report.values("first_token_attention"), marker="o", label="first-token attention")
-    attention_axes.axhline(report.uniform_first_token_attention, color="grey", linestyle="--", label="uniform")
+    attention_axes.plot(
+        layers, report.values("first_token_attention"), marker="o", label="first-token attention"
+    )
+    attention_axes.axhline(
+        report.uniform_first_token_attention, color="grey", linestyle="--", label="uniform"
+    )
     attention_axes.plot(layers, report.values("bos_cosine"), marker=".", alpha=0.6, label="BOS cosine")
     attention_axes.set(xlabel="layer", ylabel="mean over heads and queries")
     attention_axes.legend(loc="best", fontsize="small")
@@ -65,25 +69,42 @@ def plot_massive_activations(report: SinkReport, path: str | Path, title: str = 
     axes = figure.subplots()
     depth = min(len(row.top_features) for row in report.layers)
     for rank in range(depth):
-        axes.semilogy(layers, [row.top_features[rank][1] for row in report.layers], marker="o", label=f"top {rank + 1}")
-    axes.semilogy(layers, [row.median_activation for row in report.layers], color="grey", linestyle="--", label="median")
+        axes.semilogy(
+            layers, [row.top_features[rank][1] for row in report.layers], marker="o", label=f"top {rank + 1}"
+        )
+    axes.semilogy(
+        layers, [row.median_activation for row in report.layers], color="grey", linestyle="--", label="median"
+    )
     for row in report.layers:
         if row.top_features:
-            axes.annotate(str(row.top_features[0][0]), (row.layer, row.top_features[0][1]), fontsize="x-small",
-                          textcoords="offset points", xytext=(0, 4), ha="center")
-    axes.set(xlabel="layer", ylabel="|h| (feature id of the top one annotated)",
-             title=title or "Massive activations")
+            axes.annotate(
+                str(row.top_features[0][0]),
+                (row.layer, row.top_features[0][1]),
+                fontsize="x-small",
+                textcoords="offset points",
+                xytext=(0, 4),
+                ha="center",
+            )
+    axes.set(
+        xlabel="layer",
+        ylabel="|h| (feature id of the top one annotated)",
+        title=title or "Massive activations",
+    )
     axes.legend(loc="best", fontsize="small")
     return _save(figure, path)
 
 
-def write_sink_plots(report: SinkReport, out_dir: str | Path, prefix: str = "", title: str = "") -> dict[str, Path]:
+def write_sink_plots(
+    report: SinkReport, out_dir: str | Path, prefix: str = "", title: str = ""
+) -> dict[str, Path]:
     """All three figures into out_dir as `<prefix>layer_curves.png`, `..head_heatmap.png`, `..massive_activations.png`."""
     out_dir = Path(out_dir)
     return {
         "layer_curves": plot_layer_curves(report, out_dir / f"{prefix}layer_curves.png", title),
         "head_heatmap": plot_head_heatmap(report, out_dir / f"{prefix}head_heatmap.png", title),
-        "massive_activations": plot_massive_activations(report, out_dir / f"{prefix}massive_activations.png", title),
+        "massive_activations": plot_massive_activations(
+            report, out_dir / f"{prefix}massive_activations.png", title
+        ),
     }
 
 

@@ -63,7 +63,9 @@ def _segment_metrics(cosine, attention_to_first, valid, segments) -> dict[str, d
             continue
         result[name] = {
             "bos_cosine": sm.mean_bos_cosine(cosine, tokens),
-            "first_token_attention": float(sm.mean_attention_from_queries(attention_to_first, queries).mean()),
+            "first_token_attention": float(
+                sm.mean_attention_from_queries(attention_to_first, queries).mean()
+            ),
             "tokens": int(queries.sum()),
         }
     return result
@@ -107,14 +109,18 @@ def measure_sinks(
             cosine, valid, intermediate_cosine_threshold, max_intermediate_candidates
         )
         keys = torch.cat([torch.tensor(fixed_keys, device=candidates.device), candidates])
-        attention = attention_to_keys(captured.pop(layer), keys.to(hidden.device), valid.long(), True, chunk_size)
+        attention = attention_to_keys(
+            captured.pop(layer), keys.to(hidden.device), valid.long(), True, chunk_size
+        )
         per_head = sm.first_token_attention_per_head(attention[..., 0], valid)
         massive = sm.massive_activation(hidden, valid)
         rows.append(
             LayerSinks(
                 layer=layer,
                 first_token_attention=float(per_head.mean()),
-                sink_rate=sm.sink_rate_percent(attention[..., len(fixed_keys) - 1], valid, sink_key_position, sink_eps),
+                sink_rate=sm.sink_rate_percent(
+                    attention[..., len(fixed_keys) - 1], valid, sink_key_position, sink_eps
+                ),
                 max_activation=massive.value,
                 max_activation_position=massive.position,
                 max_activation_feature=massive.feature,
@@ -124,12 +130,18 @@ def measure_sinks(
                 median_activation=massive.median,
                 first_token_attention_per_head=per_head.tolist(),
                 top_features=sm.top_feature_magnitudes(hidden, valid, num_top_features),
-                by_segment=_segment_metrics(cosine, attention[..., 0], valid, segments) if segments is not None else {},
+                by_segment=_segment_metrics(cosine, attention[..., 0], valid, segments)
+                if segments is not None
+                else {},
             )
         )
         flagged = sm.intermediate_sinks(
-            cosine, attention[..., len(fixed_keys):], candidates, valid,
-            intermediate_cosine_threshold, intermediate_attention_threshold,
+            cosine,
+            attention[..., len(fixed_keys) :],
+            candidates,
+            valid,
+            intermediate_cosine_threshold,
+            intermediate_attention_threshold,
         )
         _collect_intermediate(found, flagged, layer, llm_inputs, segments, tokenizer)
     return SinkReport(
@@ -153,8 +165,13 @@ def _collect_intermediate(found: dict, flagged, layer: int, llm_inputs: dict, se
                 token = tokenizer.convert_ids_to_tokens(int(llm_inputs["input_ids"][sample, position]))
             segment = SEGMENT_NAMES.get(int(segments[sample, position]), "") if segments is not None else ""
             entry = found[(sample, position)] = {
-                "sample": sample, "position": position, "token": token, "segment": segment,
-                "layers": [], "max_bos_cosine": cosine, "max_received_attention": attention,
+                "sample": sample,
+                "position": position,
+                "token": token,
+                "segment": segment,
+                "layers": [],
+                "max_bos_cosine": cosine,
+                "max_received_attention": attention,
             }
         entry["layers"].append(layer)
         entry["max_bos_cosine"] = max(entry["max_bos_cosine"], cosine)

@@ -156,7 +156,9 @@ def before_after_lines(before: dict, after: dict, layers: list[int] | None = Non
     return lines
 
 
-def summary_markdown(sinks: dict, plots: dict[str, Path] | None = None, title: str = "Sink diagnostics") -> str:
+def summary_markdown(
+    sinks: dict, plots: dict[str, Path] | None = None, title: str = "Sink diagnostics"
+) -> str:
     """Short `summary.md`: headline numbers, the per-layer table, intermediate sinks and plot links."""
     strongest = max(sinks["layers"], key=lambda row: row["first_token_attention"])
     massive = max(sinks["layers"], key=lambda row: row["max_activation"])
@@ -178,8 +180,13 @@ def summary_markdown(sinks: dict, plots: dict[str, Path] | None = None, title: s
         *layer_table_lines(sinks),
     ]
     if sinks["intermediate_sinks"]:
-        lines += ["", "## Intermediate sinks", "", "| sample | position | token | layers | max cos | max attn |",
-                  "|---:|---:|---|---|---:|---:|"]
+        lines += [
+            "",
+            "## Intermediate sinks",
+            "",
+            "| sample | position | token | layers | max cos | max attn |",
+            "|---:|---:|---|---|---:|---:|",
+        ]
         for sink in sinks["intermediate_sinks"][:20]:
             lines.append(
                 f"| {sink['sample']} | {sink['position']} | `{sink.get('token', '')!s}` | "

@@ -27,8 +27,9 @@ def _fmt(value) -> str:
     return "n/a" if value is None else f"{float(value):.4f}"
 
 
-def summary_lines(before: dict, after: dict, history: TrainLossHistory, run_dir: str,
-                  trainer: L.Trainer, extra: list[str]) -> list[str]:
+def summary_lines(
+    before: dict, after: dict, history: TrainLossHistory, run_dir: str, trainer: L.Trainer, extra: list[str]
+) -> list[str]:
     lines = ["", "=" * 72, "unsink run summary", "=" * 72]
     lines.append(f"steps: {trainer.global_step}   run folder: {run_dir}")
     lines.append(f"train/loss   first {_fmt(history.first)}  ->  last {_fmt(history.last)}")

@@ -16,8 +16,16 @@ def has_wandb_credentials() -> bool:
     return netrc.exists() and "api.wandb.ai" in netrc.read_text(errors="ignore")
 
 
-def make_wandb_logger(project: str, save_dir: str, run_id: str, group: str | None = None,
-                      tags: list[str] | None = None, mode: str = "auto", name: str | None = None, **kwargs):
+def make_wandb_logger(
+    project: str,
+    save_dir: str,
+    run_id: str,
+    group: str | None = None,
+    tags: list[str] | None = None,
+    mode: str = "auto",
+    name: str | None = None,
+    **kwargs,
+):
     """Build `lightning.pytorch.loggers.WandbLogger`.
 
     mode: auto (WANDB_MODE if set, else online when credentials exist, offline otherwise), online,
@@ -33,5 +41,14 @@ def make_wandb_logger(project: str, save_dir: str, run_id: str, group: str | Non
             log.info("W&B: no API key found, logging offline to %s (sync later with `wandb sync`)", save_dir)
     Path(save_dir).mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("WANDB_INIT_TIMEOUT", "60")
-    return WandbLogger(project=project, save_dir=save_dir, id=run_id, name=name or run_id, group=group,
-                       tags=list(tags or []), mode=mode, resume="allow", **kwargs)
+    return WandbLogger(
+        project=project,
+        save_dir=save_dir,
+        id=run_id,
+        name=name or run_id,
+        group=group,
+        tags=list(tags or []),
+        mode=mode,
+        resume="allow",
+        **kwargs,
+    )

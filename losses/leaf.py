@@ -27,8 +27,10 @@ def confounder_scores(teacher_grad_norms: torch.Tensor, student_grad_norms: torc
     Low d: a token the student leans on much more than the teacher does (a confounder candidate).
     """
     if teacher_grad_norms.shape != student_grad_norms.shape:
-        raise ValueError(f"shape mismatch: teacher {tuple(teacher_grad_norms.shape)} "
-                         f"vs student {tuple(student_grad_norms.shape)}")
+        raise ValueError(
+            f"shape mismatch: teacher {tuple(teacher_grad_norms.shape)} "
+            f"vs student {tuple(student_grad_norms.shape)}"
+        )
     return min_max(min_max(teacher_grad_norms.float()) - min_max(student_grad_norms.float()))
 
 
@@ -84,7 +86,9 @@ def distillation_loss(
         raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
     vocab = student_logits.shape[-1]
     if teacher_logits.shape[-1] < vocab:
-        raise ValueError(f"teacher vocabulary ({teacher_logits.shape[-1]}) is smaller than the student's ({vocab})")
+        raise ValueError(
+            f"teacher vocabulary ({teacher_logits.shape[-1]}) is smaller than the student's ({vocab})"
+        )
     counted = labels[:, 1:] != IGNORE_INDEX  # [B,T-1]
     dtype = torch.promote_types(student_logits.dtype, torch.float32)  # fp32 softmax (fp64 stays fp64)
     student = student_logits[:, :-1][counted].to(dtype) / temperature  # [N,V]

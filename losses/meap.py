@@ -14,13 +14,17 @@ IGNORE_INDEX = -100
 MODES = ("pretrain", "sft")
 
 
-def _random_scores(shape: torch.Size, device: torch.device, generator: torch.Generator | None) -> torch.Tensor:
+def _random_scores(
+    shape: torch.Size, device: torch.device, generator: torch.Generator | None
+) -> torch.Tensor:
     """Uniform scores drawn on the generator's device (so one CPU generator serves GPU batches too)."""
     draw_device = generator.device if generator is not None else device
     return torch.rand(shape, generator=generator, device=draw_device).to(device)
 
 
-def choose_positions(eligible: torch.Tensor, ratio: float, generator: torch.Generator | None = None) -> torch.Tensor:
+def choose_positions(
+    eligible: torch.Tensor, ratio: float, generator: torch.Generator | None = None
+) -> torch.Tensor:
     """Pick exactly max(1, floor(ratio * n_b)) of the n_b eligible positions of each row, uniformly.
 
     eligible: [B,T] bool. Returns [B,T] bool; rows with n_b = 0 get nothing. Vectorised: a random score

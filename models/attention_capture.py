@@ -57,7 +57,9 @@ def capture_implementation_name(base_name: str) -> str:
     if base_name.startswith(CAPTURE_PREFIX):
         return base_name
     if base_name == "eager":
-        raise ValueError("query/key capture wraps a fused kernel; load the model with sdpa or flash attention")
+        raise ValueError(
+            "query/key capture wraps a fused kernel; load the model with sdpa or flash attention"
+        )
     name = CAPTURE_PREFIX + base_name
     if name not in ALL_ATTENTION_FUNCTIONS:
         AttentionInterface.register(name, _make_capturing_attention(base_name))

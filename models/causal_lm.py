@@ -16,8 +16,14 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, Llama
 
 log = logging.getLogger(__name__)
 
-DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
-          "fp16": torch.float16, "float16": torch.float16}
+DTYPES = {
+    "fp32": torch.float32,
+    "float32": torch.float32,
+    "bf16": torch.bfloat16,
+    "bfloat16": torch.bfloat16,
+    "fp16": torch.float16,
+    "float16": torch.float16,
+}
 
 
 def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
@@ -103,11 +109,15 @@ def load_pretrained_causal_lm(
     if looks_local and not Path(source).expanduser().exists():
         raise FileNotFoundError(f"model path {source!r} does not exist (config key `{config_key}`)")
     if gguf_file is not None and not (Path(source) / gguf_file).exists() and looks_local:
-        raise FileNotFoundError(f"GGUF file {Path(source) / gguf_file} does not exist (config key `{config_key}`)")
+        raise FileNotFoundError(
+            f"GGUF file {Path(source) / gguf_file} does not exist (config key `{config_key}`)"
+        )
     kwargs = {"trust_remote_code": trust_remote_code}
     if gguf_file is not None:
         kwargs["gguf_file"] = gguf_file
-    tokenizer = load_tokenizer(tokenizer_source or source, gguf_file, special_tokens, trust_remote_code=trust_remote_code)
+    tokenizer = load_tokenizer(
+        tokenizer_source or source, gguf_file, special_tokens, trust_remote_code=trust_remote_code
+    )
     model = AutoModelForCausalLM.from_pretrained(
         source, dtype=resolve_dtype(dtype), attn_implementation=attn_implementation, **kwargs
     )

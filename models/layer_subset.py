@@ -29,7 +29,9 @@ def parse_layer_selection(layers: str | int | Sequence[int], num_layers: int) ->
         chosen = [int(i) for i in layers]
     bad = [i for i in chosen if not 0 <= i < num_layers]
     if bad or not chosen or len(set(chosen)) != len(chosen):
-        raise ValueError(f"layer selection {layers!r} gives {chosen}: need distinct indices in 0..{num_layers - 1}")
+        raise ValueError(
+            f"layer selection {layers!r} gives {chosen}: need distinct indices in 0..{num_layers - 1}"
+        )
     return chosen
 
 

@@ -43,7 +43,9 @@ def apply_lora(
     )
     model = get_peft_model(model, config)
     if trainable_token_indices:
-        use_row_sparse_trainable_tokens(model)  # same values, no full-vocabulary dW (models/trainable_tokens.py)
+        use_row_sparse_trainable_tokens(
+            model
+        )  # same values, no full-vocabulary dW (models/trainable_tokens.py)
     return model
 
 

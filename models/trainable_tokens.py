@@ -56,8 +56,9 @@ def _row_sparse_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         # to zero the replaced columns), and linear's backward does not need `out`.
         out = F.linear(x, weight)
         return out.index_add_(-1, rows, F.linear(x, delta - weight.index_select(0, rows)))
-    out = F.embedding(x, weight, base.padding_idx, base.max_norm, base.norm_type, base.scale_grad_by_freq,
-                      base.sparse)
+    out = F.embedding(
+        x, weight, base.padding_idx, base.max_norm, base.norm_type, base.scale_grad_by_freq, base.sparse
+    )
     slot = lookup[x]  # [...], -1 where the token is not trainable
     replaced = F.embedding(slot.clamp_min(0), delta)  # no `.any()` check: it would sync with the GPU
     out = torch.where((slot >= 0).unsqueeze(-1), replaced, out)

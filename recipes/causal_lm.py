@@ -34,14 +34,24 @@ class CausalLMRecipe(L.LightningModule):
     seed: seeds objective randomness per step (MEAP masks, ADL row samples), so resumes match.
     """
 
-    def __init__(self, backbone: Callable, optimizer: Callable, scheduler: Callable | None = None,
-                 lora: Mapping | None = None, objectives: Mapping[str, Objective] | None = None,
-                 ce_weight: float = 1.0, trainable: Mapping | None = None,
-                 gradient_checkpointing: bool = False, seed: int = 0):
+    def __init__(
+        self,
+        backbone: Callable,
+        optimizer: Callable,
+        scheduler: Callable | None = None,
+        lora: Mapping | None = None,
+        objectives: Mapping[str, Objective] | None = None,
+        ce_weight: float = 1.0,
+        trainable: Mapping | None = None,
+        gradient_checkpointing: bool = False,
+        seed: int = 0,
+    ):
         super().__init__()
         self.save_hyperparameters(ignore=["backbone", "optimizer", "scheduler", "objectives"])
         self.objectives = ObjectiveSet(objectives)
-        self.llm, self.tokenizer = prepare_llm(backbone, self.objectives, lora, trainable, gradient_checkpointing)
+        self.llm, self.tokenizer = prepare_llm(
+            backbone, self.objectives, lora, trainable, gradient_checkpointing
+        )
         self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
         self.ce_weight, self.seed = ce_weight, seed
         self.token_sum = self.objectives.sums_over_tokens
@@ -49,8 +59,12 @@ class CausalLMRecipe(L.LightningModule):
         self.val_loss = MeanMetric()
         self.strict_loading = False  # checkpoints hold only the trainable weights
         trainable_count, total = count_parameters(self.llm)
-        log.info("parameters: %s trainable of %s (%.3f%%)", f"{trainable_count:,}", f"{total:,}",
-                 100 * trainable_count / max(1, total))
+        log.info(
+            "parameters: %s trainable of %s (%.3f%%)",
+            f"{trainable_count:,}",
+            f"{total:,}",
+            100 * trainable_count / max(1, total),
+        )
 
     # ---- steps -----------------------------------------------------------------------------------
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
@@ -83,8 +97,9 @@ class CausalLMRecipe(L.LightningModule):
             self.window.apply(p for group in optimizer.param_groups for p in group["params"])
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
-        outputs = self.llm(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                           labels=batch["labels"])
+        outputs = self.llm(
+            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"]
+        )
         tokens = (batch["labels"][:, 1:] != -100).sum()
         self.val_loss.update(outputs.loss.detach(), weight=tokens)
 

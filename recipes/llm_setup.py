@@ -8,8 +8,13 @@ from models.lora import apply_lora, set_trainable
 from recipes.objectives.compose import ObjectiveSet
 
 
-def prepare_llm(backbone: Callable, objectives: ObjectiveSet, lora: Mapping | None = None,
-                trainable: Mapping | None = None, gradient_checkpointing: bool = False):
+def prepare_llm(
+    backbone: Callable,
+    objectives: ObjectiveSet,
+    lora: Mapping | None = None,
+    trainable: Mapping | None = None,
+    gradient_checkpointing: bool = False,
+):
     """Return (llm, tokenizer) ready to train.
 
     Objectives set up before LoRA (MEAP adds `[MASK]` and its row stays trainable through peft's

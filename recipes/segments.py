@@ -5,5 +5,12 @@ attention mask.
 """
 
 PAD, BOS, AUDIO, VIDEO, PROMPT, TARGET, DELIMITER = 0, 1, 2, 3, 4, 5, 6
-NAMES = {PAD: "pad", BOS: "bos", AUDIO: "audio", VIDEO: "video", PROMPT: "prompt", TARGET: "target",
-         DELIMITER: "delimiter"}
+NAMES = {
+    PAD: "pad",
+    BOS: "bos",
+    AUDIO: "audio",
+    VIDEO: "video",
+    PROMPT: "prompt",
+    TARGET: "target",
+    DELIMITER: "delimiter",
+}

@@ -15,7 +15,9 @@ REPO = Path(__file__).resolve().parents[1]
 FIXTURES = REPO / "tests" / "fixtures"
 
 
-def compose_train(overrides: list[str], run_dir: Path | None = None, config_name: str = "train") -> DictConfig:
+def compose_train(
+    overrides: list[str], run_dir: Path | None = None, config_name: str = "train"
+) -> DictConfig:
     register_resolvers()
     GlobalHydra.instance().clear()
     with initialize_config_dir(version_base="1.3", config_dir=str(REPO / "conf")):

@@ -13,8 +13,16 @@ import analyze
 import compare
 
 ROOT = Path(__file__).resolve().parents[1]
-LAYER_KEYS = {"layer", "first_token_attention", "sink_rate", "max_activation", "max_activation_position",
-              "max_activation_feature", "activation_ratio", "bos_cosine"}
+LAYER_KEYS = {
+    "layer",
+    "first_token_attention",
+    "sink_rate",
+    "max_activation",
+    "max_activation_position",
+    "max_activation_feature",
+    "activation_ratio",
+    "bos_cosine",
+}
 
 
 def analyze_config(*overrides: str):
@@ -53,16 +61,22 @@ def test_analyze_trained_adapter_run(tmp_path, tiny_lm):
     run = tmp_path / "run_decorr"
     (run / ".hydra").mkdir(parents=True)
     backbone = OmegaConf.load(ROOT / "conf" / "backbone" / "tiny_llama.yaml")
-    OmegaConf.save(OmegaConf.create({"backbone": backbone, "model": {"backbone": "${backbone}"}}),
-                   run / ".hydra" / "config.yaml")
+    OmegaConf.save(
+        OmegaConf.create({"backbone": backbone, "model": {"backbone": "${backbone}"}}),
+        run / ".hydra" / "config.yaml",
+    )
     model, _ = tiny_lm
-    lora = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "k_proj"], init_lora_weights=False))
+    lora = get_peft_model(
+        model, LoraConfig(r=4, target_modules=["q_proj", "k_proj"], init_lora_weights=False)
+    )
     lora.save_pretrained(run / "adapter")
 
     base = analyze.analyze(analyze_config("backbone=tiny_llama", f"output_dir={tmp_path / 'base'}"))
     tuned = analyze.analyze(analyze_config(f"run={run}", f"output_dir={tmp_path / 'tuned'}"))
     assert tuned["model"] == "run_decorr (adapter on build_tiny_llama)"
-    assert tuned["layers"][1]["first_token_attention"] != pytest.approx(base["layers"][1]["first_token_attention"])
+    assert tuned["layers"][1]["first_token_attention"] != pytest.approx(
+        base["layers"][1]["first_token_attention"]
+    )
     assert (tmp_path / "tuned" / "summary.md").exists()
 
 
@@ -71,20 +85,47 @@ def fake_run(root: Path, name: str, losses: list[float], attention: float, with_
     metrics = run / "csv" / "version_0" / "metrics.csv"
     metrics.parent.mkdir(parents=True)
     with open(metrics, "w", newline="") as handle:
-        writer = csv.DictWriter(handle, ["epoch", "step", "train/loss", "val/loss", "val/wer",
-                                         "sinks/first_token_attention/mean", "sinks/first_token_attention/layer_1"])
+        writer = csv.DictWriter(
+            handle,
+            [
+                "epoch",
+                "step",
+                "train/loss",
+                "val/loss",
+                "val/wer",
+                "sinks/first_token_attention/mean",
+                "sinks/first_token_attention/layer_1",
+            ],
+        )
         writer.writeheader()
         for step, loss in enumerate(losses):
             writer.writerow({"epoch": 0, "step": step, "train/loss": loss})
-            writer.writerow({"epoch": 0, "step": step, "sinks/first_token_attention/mean": attention + step,
-                             "sinks/first_token_attention/layer_1": attention + step})
+            writer.writerow(
+                {
+                    "epoch": 0,
+                    "step": step,
+                    "sinks/first_token_attention/mean": attention + step,
+                    "sinks/first_token_attention/layer_1": attention + step,
+                }
+            )
         writer.writerow({"epoch": 0, "step": len(losses) - 1, "val/loss": losses[-1] + 0.5, "val/wer": 0.25})
     if with_sinks_json:
-        layers = [{"layer": i, "first_token_attention": attention * (i + 1), "sink_rate": 50.0,
-                   "max_activation": 10.0, "max_activation_position": 0, "max_activation_feature": 3,
-                   "activation_ratio": 100.0 * (i + 1), "bos_cosine": 0.5} for i in range(3)]
-        (run / "sinks.json").write_text(json.dumps({"model": "m", "num_texts": 2, "layers": layers,
-                                                    "intermediate_sinks": []}))
+        layers = [
+            {
+                "layer": i,
+                "first_token_attention": attention * (i + 1),
+                "sink_rate": 50.0,
+                "max_activation": 10.0,
+                "max_activation_position": 0,
+                "max_activation_feature": 3,
+                "activation_ratio": 100.0 * (i + 1),
+                "bos_cosine": 0.5,
+            }
+            for i in range(3)
+        ]
+        (run / "sinks.json").write_text(
+            json.dumps({"model": "m", "num_texts": 2, "layers": layers, "intermediate_sinks": []})
+        )
     return run
 
 
@@ -100,7 +141,12 @@ def test_compare_builds_table_and_overlays(tmp_path, capsys):
     # baseline from sinks.json (layer 1 = 0.25 * 2), decorr from its last logged value (0.125 + 2)
     assert "| first-token attention, layer 1 | 0.500 | 2.125 |" in table
     assert "| max/median abs h, layer 1 | 200.0 | n/a |" in table
-    for name in ("train_loss", "val_loss", "sinks_first_token_attention_over_training",
-                 "first_token_attention_per_layer", "activation_ratio_per_layer"):
+    for name in (
+        "train_loss",
+        "val_loss",
+        "sinks_first_token_attention_over_training",
+        "first_token_attention_per_layer",
+        "activation_ratio_per_layer",
+    ):
         assert (tmp_path / "cmp" / f"{name}.png").stat().st_size > 1000
     assert "first-token attention, layer 1" in capsys.readouterr().out

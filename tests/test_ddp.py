@@ -24,10 +24,20 @@ def train_losses(run_dir) -> list[float]:
 
 
 def test_two_process_ddp_matches_single_process_on_synced_metrics(tmp_path):
-    common = ["data.batch_size=2", "data.eval_batch_size=2", "trainer.max_steps=2",
-              "trainer.limit_val_batches=null", "scheduler=none"]
+    common = [
+        "data.batch_size=2",
+        "data.eval_batch_size=2",
+        "trainer.max_steps=2",
+        "trainer.limit_val_batches=null",
+        "scheduler=none",
+    ]
     ddp_dir = tmp_path / "ddp"
-    cmd = [sys.executable, "train.py", *tiny_sft_overrides(*common, "trainer=ddp_cpu"), f"hydra.run.dir={ddp_dir}"]
+    cmd = [
+        sys.executable,
+        "train.py",
+        *tiny_sft_overrides(*common, "trainer=ddp_cpu"),
+        f"hydra.run.dir={ddp_dir}",
+    ]
     env = {**os.environ, "PYTHONPATH": str(REPO), "WANDB_MODE": "disabled"}
     done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]

@@ -22,8 +22,10 @@ def test_experiment_composes(name):
 
 @pytest.mark.parametrize("name", [n for n in EXPERIMENTS if n not in CLUSTER_ONLY])
 def test_experiment_runs_with_debug_smoke(name, tmp_path):
-    cfg = compose_train([f"experiment={name}", "debug=smoke", "trainer.max_steps=2",
-                         "trainer.limit_val_batches=1"], tmp_path / name)
+    cfg = compose_train(
+        [f"experiment={name}", "debug=smoke", "trainer.max_steps=2", "trainer.limit_val_batches=1"],
+        tmp_path / name,
+    )
     after = train(cfg)
     assert after, f"{name}: no validation metrics"
     assert all(v == v for v in after.values()), f"{name}: NaN metric in {after}"

@@ -9,9 +9,11 @@ import leaf_prepare
 from models.attention_capture import QueryKeyCapture
 from models.layer_subset import keep_decoder_layers, parse_layer_selection
 
-ROWS = [{"prompt": "Describe a river in one\nshort sentence.", "response": "A river is water that moves."},
-        {"prompt": "Name two colours.", "response": "Red and blue.", "id": 7},
-        {"question": "no prompt field"}]
+ROWS = [
+    {"prompt": "Describe a river in one\nshort sentence.", "response": "A river is water that moves."},
+    {"prompt": "Name two colours.", "response": "Red and blue.", "id": 7},
+    {"question": "no prompt field"},
+]
 
 
 def test_tokenize_for_scoring_selects_exactly_the_user_text(tiny_lm):
@@ -24,7 +26,10 @@ def test_tokenize_for_scoring_selects_exactly_the_user_text(tiny_lm):
     assert item.whitespace.tolist() == [not prompt[a:b].strip() for a, b in item.char_spans]
     assert item.whitespace.any()  # the newline token is protected
     labelled = tokenizer.decode(item.input_ids[item.labels != -100])
-    assert labelled.startswith(ROWS[0]["response"]) and max(item.instruction_positions) < (item.labels != -100).nonzero().min()
+    assert (
+        labelled.startswith(ROWS[0]["response"])
+        and max(item.instruction_positions) < (item.labels != -100).nonzero().min()
+    )
 
 
 def test_embedding_gradients_reach_the_prompt_but_not_the_last_token(tiny_lm):
@@ -40,7 +45,9 @@ def test_embedding_gradients_reach_the_prompt_but_not_the_last_token(tiny_lm):
 def test_prepare_writes_originals_then_their_counterfactuals(tiny_lm_factory):
     teacher, tokenizer = tiny_lm_factory()
     student = keep_decoder_layers(tiny_lm_factory(seed=3)[0], [0])
-    out, counts = leaf_prepare.prepare(ROWS, teacher, student, tokenizer, quantile=0.3, cap=0.5, progress=False)
+    out, counts = leaf_prepare.prepare(
+        ROWS, teacher, student, tokenizer, quantile=0.3, cap=0.5, progress=False
+    )
     originals = [r for r in out if not r["counterfactual"]]
     assert [r["source_index"] for r in originals] == [0, 1, 2]
     assert originals[1]["id"] == 7 and originals[0]["prompt"] == ROWS[0]["prompt"]
@@ -59,8 +66,22 @@ def test_prepare_writes_originals_then_their_counterfactuals(tiny_lm_factory):
 def test_command_line_end_to_end(tmp_path, capsys):
     data, out = tmp_path / "rows.jsonl", tmp_path / "leaf.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in ROWS[:2]))
-    counts = leaf_prepare.main(["--data", str(data), "--out", str(out), "--teacher", "tiny", "--student", "tiny",
-                                "--student-layers", "0", "--quantile", "0.3"])
+    counts = leaf_prepare.main(
+        [
+            "--data",
+            str(data),
+            "--out",
+            str(out),
+            "--teacher",
+            "tiny",
+            "--student",
+            "tiny",
+            "--student-layers",
+            "0",
+            "--quantile",
+            "0.3",
+        ]
+    )
     written = [json.loads(line) for line in out.read_text().splitlines()]
     assert len(written) == counts["written"] == 2 + counts["counterfactual rows"]
     assert f"wrote {out}" in capsys.readouterr().out

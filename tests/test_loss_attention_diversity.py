@@ -34,7 +34,9 @@ def reference_causal(probs, positions, threshold=2.0, key_padding_mask=None):
     total, count = 0.0, 0
     for b in range(batch):
         visible = [[k for k in range(keys) if k <= positions[i] and real[b, k]] for i in range(rows)]
-        valid = [i for i in range(rows) if real[b, positions[i]] and len(visible[i]) >= 2 and p[b, i].sum() > 0]
+        valid = [
+            i for i in range(rows) if real[b, positions[i]] and len(visible[i]) >= 2 and p[b, i].sum() > 0
+        ]
         if not valid:
             continue
         mean_row = sum(p[b, i] for i in valid) / len(valid)
@@ -72,13 +74,16 @@ def test_causal_matches_loop_reference_with_padding_and_sampling():
     probs = probs * pad[:, None, None, :]
     probs = probs / probs.sum(-1, keepdim=True)
     assert attention_diversity_loss(probs).item() == pytest.approx(
-        reference_causal(probs, list(range(9))), rel=1e-5)
+        reference_causal(probs, list(range(9))), rel=1e-5
+    )
     assert attention_diversity_loss(probs, key_padding_mask=pad).item() == pytest.approx(
-        reference_causal(probs, list(range(9)), key_padding_mask=pad), rel=1e-5)
+        reference_causal(probs, list(range(9)), key_padding_mask=pad), rel=1e-5
+    )
     positions = torch.tensor([7, 2, 5, 8])
     rows = probs[:, :, positions]
-    assert attention_diversity_loss(rows, query_positions=positions, key_padding_mask=pad).item() == pytest.approx(
-        reference_causal(rows, positions.tolist(), key_padding_mask=pad), rel=1e-5)
+    assert attention_diversity_loss(
+        rows, query_positions=positions, key_padding_mask=pad
+    ).item() == pytest.approx(reference_causal(rows, positions.tolist(), key_padding_mask=pad), rel=1e-5)
 
 
 def test_edges_empty_rows_single_key_and_identical_rows():
@@ -104,11 +109,13 @@ def test_gradcheck_both_modes():
     causal_mask = torch.arange(4)[None, :] > positions[:, None]
 
     def causal_loss(x):
-        return attention_diversity_loss(torch.softmax(x.masked_fill(causal_mask, -1e9), -1), 0.5,
-                                        query_positions=positions).double()
+        return attention_diversity_loss(
+            torch.softmax(x.masked_fill(causal_mask, -1e9), -1), 0.5, query_positions=positions
+        ).double()
 
-    assert torch.autograd.gradcheck(lambda x: attention_diversity_loss(torch.softmax(x, -1), 1.0, False).double(),
-                                    (logits,))
+    assert torch.autograd.gradcheck(
+        lambda x: attention_diversity_loss(torch.softmax(x, -1), 1.0, False).double(), (logits,)
+    )
     assert torch.autograd.gradcheck(causal_loss, (logits,))
 
 

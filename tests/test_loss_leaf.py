@@ -18,7 +18,10 @@ def test_confounder_scores_match_reference_1d_and_2d():
     teacher, student = torch.rand(2, 7, generator=gen), torch.rand(2, 7, generator=gen)
     scores = confounder_scores(teacher, student)
     for b in range(2):
-        diff = [t - s for t, s in zip(reference_minmax(teacher[b].tolist()), reference_minmax(student[b].tolist()))]
+        diff = [
+            t - s
+            for t, s in zip(reference_minmax(teacher[b].tolist()), reference_minmax(student[b].tolist()))
+        ]
         assert scores[b].tolist() == pytest.approx(reference_minmax(diff), abs=1e-6)
     assert torch.allclose(confounder_scores(teacher[1], student[1]), scores[1])
     assert scores.min() == 0 and scores.max() == 1
@@ -68,8 +71,12 @@ def test_distillation_matches_reference_with_shift_and_vocab_cut(temperature):
     labels[2, 4:] = -100
     total, count = reference_kl(student, teacher, labels, temperature)
     assert count == 5 + 3 + 3
-    assert distillation_loss(student, teacher, labels, temperature).item() == pytest.approx(total / count, rel=1e-5)
-    assert distillation_loss(student, teacher, labels, temperature, "sum").item() == pytest.approx(total, rel=1e-5)
+    assert distillation_loss(student, teacher, labels, temperature).item() == pytest.approx(
+        total / count, rel=1e-5
+    )
+    assert distillation_loss(student, teacher, labels, temperature, "sum").item() == pytest.approx(
+        total, rel=1e-5
+    )
 
 
 def test_distillation_edges_and_gradient():

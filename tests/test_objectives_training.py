@@ -20,9 +20,11 @@ from recipes.objectives.window import WindowTokenNormaliser
 # Every token id of the texts below is < 4096, so a 4096-row vocabulary keeps the tiny model fast.
 TINY = partial(build_tiny_llama, special_tokens={"eos_token": "<|im_end|>"}, num_layers=3, vocab_size=4096)
 PROMPTS = ["What is a cat?", "What is the sea?", "What is a friend?"]
-ANSWERS = ["A small animal that can sleep in the sun and play with the dog all day.",
-           "The sea is a large body of water, and it has many fish in it.",
-           "A person who will help you when you need it most, and who will stay."]
+ANSWERS = [
+    "A small animal that can sleep in the sun and play with the dog all day.",
+    "The sea is a large body of water, and it has many fish in it.",
+    "A person who will help you when you need it most, and who will stay.",
+]
 
 
 def sft_batch(tokenizer):
@@ -31,24 +33,32 @@ def sft_batch(tokenizer):
         p, a = tokenizer(prompt).input_ids, tokenizer(" " + answer).input_ids + [tokenizer.eos_token_id]
         rows.append((p + a, [-100] * len(p) + a))
     length = max(len(ids) for ids, _ in rows) + 2  # some padding in every row
-    batch = {k: torch.full((len(rows), length), v, dtype=torch.long)
-             for k, v in (("input_ids", tokenizer.pad_token_id), ("labels", -100), ("attention_mask", 0))}
+    batch = {
+        k: torch.full((len(rows), length), v, dtype=torch.long)
+        for k, v in (("input_ids", tokenizer.pad_token_id), ("labels", -100), ("attention_mask", 0))
+    }
     for i, (ids, labels) in enumerate(rows):
-        batch["input_ids"][i, :len(ids)] = torch.tensor(ids)
-        batch["labels"][i, :len(ids)] = torch.tensor(labels)
-        batch["attention_mask"][i, :len(ids)] = 1
+        batch["input_ids"][i, : len(ids)] = torch.tensor(ids)
+        batch["labels"][i, : len(ids)] = torch.tensor(labels)
+        batch["attention_mask"][i, : len(ids)] = 1
     return batch
 
 
 def train(objectives, steps=16, lr=1e-2, ce_weight=1.0, backbone=TINY):
     """Fit the recipe on one repeated batch; returns (recipe, {name: [loss per step]}, [ce per step])."""
     torch.manual_seed(0)
-    recipe = CausalLMRecipe(backbone=backbone, optimizer=partial(torch.optim.AdamW, lr=lr),
-                            lora={"r": 8, "alpha": 16, "dropout": 0.0}, objectives=objectives,
-                            ce_weight=ce_weight, seed=1)
+    recipe = CausalLMRecipe(
+        backbone=backbone,
+        optimizer=partial(torch.optim.AdamW, lr=lr),
+        lora={"r": 8, "alpha": 16, "dropout": 0.0},
+        objectives=objectives,
+        ce_weight=ce_weight,
+        seed=1,
+    )
     history = {name: [] for name in objectives}
     history["ce"] = []
     for name, objective in objectives.items():
+
         def record(ctx, name=name, loss=objective.loss):
             value = loss(ctx)
             history[name].append(float(value.detach()))
@@ -58,11 +68,19 @@ def train(objectives, steps=16, lr=1e-2, ce_weight=1.0, backbone=TINY):
                     ce = torch.nn.functional.cross_entropy(shifted, ctx.batch["labels"][:, 1:].flatten())
                 history["ce"].append(float(ce))
             return value
+
         objective.loss = record
     batch = sft_batch(recipe.tokenizer)
     loader = torch.utils.data.DataLoader([batch] * steps, batch_size=None)
-    trainer = L.Trainer(accelerator="cpu", max_steps=steps, logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0)
+    trainer = L.Trainer(
+        accelerator="cpu",
+        max_steps=steps,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+    )
     trainer.fit(recipe, train_dataloaders=loader)
     return recipe, history
 
@@ -128,6 +146,7 @@ def test_leaf_rejects_a_teacher_with_another_tokenizer(tiny_lm):
 
 # ---- the objectives' own pieces, without training ----------------------------------------------------
 
+
 def test_input_side_mask_stops_at_first_target_and_skips_padding():
     labels = torch.tensor([[-100, -100, 5, 6, -100], [-100, -100, -100, -100, -100]])
     attention = torch.tensor([[1, 1, 1, 1, 0], [1, 1, 1, 0, 0]])
@@ -138,8 +157,9 @@ def test_input_side_mask_stops_at_first_target_and_skips_padding():
 def test_sink_token_set_picks_positions_aligned_with_bos():
     h = torch.randn(1, 5, 8)
     h[0, 3] = 3 * h[0, 0]
-    ctx = ObjectiveContext(batch={"attention_mask": torch.ones(1, 5)}, logits=torch.zeros(1, 5, 2),
-                           hidden_states=(h, h, h))
+    ctx = ObjectiveContext(
+        batch={"attention_mask": torch.ones(1, 5)}, logits=torch.zeros(1, 5, 2), hidden_states=(h, h, h)
+    )
     mask = BosDecorrelationObjective(tokens="sinks", sink_threshold=0.9).token_mask(ctx)
     assert mask[0, 3] and mask[0, 0] and mask.sum() == 2  # position 0 is dropped inside the loss
     with pytest.raises(ValueError, match="tokens"):
@@ -160,9 +180,12 @@ def test_query_rows_are_reproducible_real_and_never_position_zero():
 def test_meap_sft_copies_only_rows_with_long_answers():
     meap = MeapObjective(mode="sft", ratio=0.5, min_answer_tokens=2)
     meap.mask_token_id = 99
-    batch = {"input_ids": torch.arange(12).reshape(2, 6), "attention_mask": torch.ones(2, 6, dtype=torch.long),
-             "labels": torch.tensor([[-100, -100, 2, 3, 4, 5], [-100, -100, -100, -100, 10, 11]]),
-             "target_tokens_in_window": torch.tensor(7)}
+    batch = {
+        "input_ids": torch.arange(12).reshape(2, 6),
+        "attention_mask": torch.ones(2, 6, dtype=torch.long),
+        "labels": torch.tensor([[-100, -100, 2, 3, 4, 5], [-100, -100, -100, -100, 10, 11]]),
+        "target_tokens_in_window": torch.tensor(7),
+    }
     out = meap.transform_batch(batch, torch.Generator().manual_seed(0))
     assert out["input_ids"].shape == (3, 6) and out["attention_mask"].shape == (3, 6)
     assert torch.equal(out["input_ids"][:2], batch["input_ids"])  # originals kept as they were
@@ -175,14 +198,19 @@ def test_meap_sft_copies_only_rows_with_long_answers():
 def test_window_normalisation_gives_the_global_token_mean_gradient():
     """A=3 micro-batches with unequal token counts on R=2 simulated ranks, as Lightning + DDP apply them."""
     gen = torch.Generator().manual_seed(0)
-    tokens = [[torch.randn(n, 4, generator=gen) for n in (2, 7, 3)], [torch.randn(n, 4, generator=gen) for n in (5, 1, 4)]]
+    tokens = [
+        [torch.randn(n, 4, generator=gen) for n in (2, 7, 3)],
+        [torch.randn(n, 4, generator=gen) for n in (5, 1, 4)],
+    ]
     theta = torch.nn.Parameter(torch.randn(4, generator=gen))
     normalisers = [WindowTokenNormaliser(), WindowTokenNormaliser()]
     grads = []
     for normaliser, rank in zip(normalisers, tokens):
         theta.grad = None
         for x in rank:
-            loss = normaliser.scale((x @ theta).square().sum(), torch.tensor(x.shape[0]), accumulate=3, ranks=2)
+            loss = normaliser.scale(
+                (x @ theta).square().sum(), torch.tensor(x.shape[0]), accumulate=3, ranks=2
+            )
             (loss / 3).backward()  # Lightning's 1/A
         grads.append(theta.grad.clone())
     theta.grad = sum(grads) / 2  # DDP's mean over ranks
@@ -196,7 +224,9 @@ def test_window_normalisation_gives_the_global_token_mean_gradient():
 
 
 def test_window_normalisation_all_reduces_when_distributed(tmp_path):
-    torch.distributed.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
+    torch.distributed.init_process_group(
+        "gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1
+    )
     try:
         normaliser, param = WindowTokenNormaliser(), torch.nn.Parameter(torch.ones(2))
         param.grad = torch.full((2,), 12.0)

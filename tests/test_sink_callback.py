@@ -78,12 +78,24 @@ def test_callback_logs_metrics_and_writes_files(tmp_path, tiny_lm):
     model, tokenizer = tiny_lm
     callback = SinkDiagnosticsCallback(every_n_steps=2, probe_batch_size=3, layers_to_log=[1])
     recording = RecordingLogger()
-    loggers = [CSVLogger(tmp_path, name="csv", version=""), recording,
-               WandbLogger(mode="disabled", save_dir=str(tmp_path))]
+    loggers = [
+        CSVLogger(tmp_path, name="csv", version=""),
+        recording,
+        WandbLogger(mode="disabled", save_dir=str(tmp_path)),
+    ]
     trainer = L.Trainer(
-        max_steps=3, accelerator="cpu", devices=1, logger=loggers, callbacks=[callback], default_root_dir=tmp_path,
-        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-        num_sanity_val_steps=0, limit_val_batches=1, check_val_every_n_epoch=100,
+        max_steps=3,
+        accelerator="cpu",
+        devices=1,
+        logger=loggers,
+        callbacks=[callback],
+        default_root_dir=tmp_path,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        limit_val_batches=1,
+        check_val_every_n_epoch=100,
     )
     trainer.fit(TinyLM(model), datamodule=TextData(tokenizer))
 
@@ -103,9 +115,15 @@ def test_callback_logs_metrics_and_writes_files(tmp_path, tiny_lm):
     sinks = json.loads((tmp_path / "sinks.json").read_text())
     assert sinks["num_texts"] == 3 and sinks["step"] == 3
     assert [row["layer"] for row in sinks["layers"]] == [0, 1]
-    assert set(sinks["layers"][0]) >= {"first_token_attention", "sink_rate", "max_activation",
-                                       "max_activation_position", "max_activation_feature",
-                                       "activation_ratio", "bos_cosine"}
+    assert set(sinks["layers"][0]) >= {
+        "first_token_attention",
+        "sink_rate",
+        "max_activation",
+        "max_activation_position",
+        "max_activation_feature",
+        "activation_ratio",
+        "bos_cosine",
+    }
     for step in (0, 2, 3):
         for name in ("layer_curves", "head_heatmap", "massive_activations"):
             assert (tmp_path / "sinks" / f"step_{step:06d}_{name}.png").stat().st_size > 1000

@@ -9,9 +9,15 @@ PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 def fake_report(num_layers: int = 4, num_heads: int = 3) -> SinkReport:
     rows = [
         LayerSinks(
-            layer=i, first_token_attention=0.2 * i, sink_rate=25.0 * i, max_activation=10.0**i,
-            max_activation_position=0, max_activation_feature=7, activation_ratio=10.0 ** (i + 1),
-            bos_cosine=0.1 * i, median_activation=0.5,
+            layer=i,
+            first_token_attention=0.2 * i,
+            sink_rate=25.0 * i,
+            max_activation=10.0**i,
+            max_activation_position=0,
+            max_activation_feature=7,
+            activation_ratio=10.0 ** (i + 1),
+            bos_cosine=0.1 * i,
+            median_activation=0.5,
             first_token_attention_per_head=[0.1 * h + 0.2 * i for h in range(num_heads)],
             top_features=[(7, 10.0**i), (3, 2.0), (1, 1.0)],
         )

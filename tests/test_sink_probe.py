@@ -36,7 +36,10 @@ def test_chunked_sdpa_metrics_match_eager_attention(tiny):
         assert row.first_token_attention == pytest.approx(float(expected_per_head.mean()), abs=1e-5)
         assert row.sink_rate == sm.sink_rate_percent(probs[..., 2], valid, key_position=2, eps=0.3)
         massive = sm.massive_activation(hidden, valid)
-        assert (row.max_activation_position, row.max_activation_feature) == (massive.position, massive.feature)
+        assert (row.max_activation_position, row.max_activation_feature) == (
+            massive.position,
+            massive.feature,
+        )
         assert row.activation_ratio == pytest.approx(massive.ratio, rel=1e-5)
         assert row.bos_cosine == pytest.approx(sm.mean_bos_cosine(sm.bos_cosine(hidden), valid), abs=1e-5)
 
@@ -61,7 +64,9 @@ def test_inputs_embeds_with_segments_report_per_segment(tiny):
     segments[:, 4:] = TARGET
     segments[batch["attention_mask"] == 0] = 0
     model.train()
-    report = measure_sinks(model, {"inputs_embeds": embeds, "attention_mask": batch["attention_mask"]}, segments)
+    report = measure_sinks(
+        model, {"inputs_embeds": embeds, "attention_mask": batch["attention_mask"]}, segments
+    )
     assert model.training, "the probe must restore the module's train/eval mode"
     for row in report.layers:
         prompt, target = row.by_segment["prompt"], row.by_segment["target"]
@@ -83,7 +88,9 @@ def test_peft_model_and_layer_subset(tiny):
     finally:
         lora.unload()
     assert [row.layer for row in wrapped.layers] == [1]
-    assert wrapped.layers[0].first_token_attention == pytest.approx(base.layers[0].first_token_attention, abs=1e-6)
+    assert wrapped.layers[0].first_token_attention == pytest.approx(
+        base.layers[0].first_token_attention, abs=1e-6
+    )
 
 
 def test_left_padding_is_refused(tiny):
@@ -96,7 +103,11 @@ def test_left_padding_is_refused(tiny):
 def test_intermediate_sinks_are_merged_over_layers_and_named(tiny):
     model, tokenizer, batch = tiny
     report = measure_sinks(
-        model, batch, tokenizer=tokenizer, intermediate_cosine_threshold=-2.0, intermediate_attention_threshold=-1.0
+        model,
+        batch,
+        tokenizer=tokenizer,
+        intermediate_cosine_threshold=-2.0,
+        intermediate_attention_threshold=-1.0,
     )
     valid = batch["attention_mask"].bool()
     expected = [(b, t) for b in range(2) for t in range(1, valid.shape[1]) if valid[b, t]]

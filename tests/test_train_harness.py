@@ -37,8 +37,12 @@ def test_smoke_run_pins_first_losses_and_writes_run_folder(tmp_path):
 
 
 def test_resume_reproduces_uninterrupted_curve(tmp_path):
-    common = ["scheduler=none", "trainer.max_steps=-1", "trainer.limit_train_batches=null",
-              "validate_before_training=false"]
+    common = [
+        "scheduler=none",
+        "trainer.max_steps=-1",
+        "trainer.limit_train_batches=null",
+        "validate_before_training=false",
+    ]
     full_dir = tmp_path / "full"
     train(compose_train(tiny_sft_overrides(*common, "trainer.max_epochs=2"), full_dir))
     part_dir = tmp_path / "part"
@@ -79,7 +83,9 @@ def test_missing_data_file_names_path_and_key(tmp_path):
 
 
 def test_missing_model_path_names_key(tmp_path):
-    cfg = compose_train(tiny_sft_overrides("backbone=hf", f"backbone.source={tmp_path}/no-model"), tmp_path / "r")
+    cfg = compose_train(
+        tiny_sft_overrides("backbone=hf", f"backbone.source={tmp_path}/no-model"), tmp_path / "r"
+    )
     from hydra.errors import InstantiationException
 
     with pytest.raises(InstantiationException, match=r"no-model.*`backbone\.source`"):
@@ -126,8 +132,9 @@ def test_wandb_without_credentials_logs_offline_and_finishes(tmp_path, monkeypat
     from train import _finish_wandb
 
     run_dir = tmp_path / "run"
-    cfg = compose_train(tiny_sft_overrides("trainer.max_steps=1", "logger=many",
-                                           "validate_before_training=false"), run_dir)
+    cfg = compose_train(
+        tiny_sft_overrides("trainer.max_steps=1", "logger=many", "validate_before_training=false"), run_dir
+    )
     try:
         train(cfg)
     finally:
@@ -136,3 +143,10 @@ def test_wandb_without_credentials_logs_offline_and_finishes(tmp_path, monkeypat
     offline_runs = list((run_dir / "wandb").glob("offline-run-*"))
     assert len(offline_runs) == 1
     assert list(offline_runs[0].glob("*.wandb")), "the offline run holds no logged data"
+
+
+def test_top_level_key_typo_from_a_config_file_is_an_error(tmp_path):
+    # `+key=...` merges like a key written in an experiment file would: Hydra accepts it silently
+    cfg = compose_train(tiny_sft_overrides("+trainr.max_steps=3"), tmp_path / "run")
+    with pytest.raises(KeyError, match="'trainr'.*did you mean 'trainer'"):
+        train(cfg)

@@ -197,8 +197,10 @@ class AVSRDataModule(L.LightningDataModule):
         """Skipped clips of this process over the whole run, per stage, for the end-of-run summary."""
         if not self.skip_tally.run_totals:
             return ["data: no clip skipped"]
-        parts = [f"{stage} {sum(c.values())} ({', '.join(f'{r} {n}' for r, n in c.items() if n) or 'none'})"
-                 for stage, c in sorted(self.skip_tally.run_totals.items())]
+        parts = [
+            f"{stage} {sum(c.values())} ({', '.join(f'{r} {n}' for r, n in c.items() if n) or 'none'})"
+            for stage, c in sorted(self.skip_tally.run_totals.items())
+        ]
         return ["data: clips skipped: " + "; ".join(parts)]
 
     def report_skipped(self, stage: str) -> dict[str, int]:

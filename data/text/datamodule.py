@@ -25,10 +25,20 @@ class TextDataModule(L.LightningDataModule):
     The tokenizer comes from the recipe through `connect_tokenizer` (train.py calls it).
     """
 
-    def __init__(self, train_file: str, val_file: str | None = None, format: str = "sft",
-                 max_length: int = 512, batch_size: int = 8, eval_batch_size: int | None = None,
-                 val_fraction: float = 0.05, num_workers: int = 0, strict: bool = False, seed: int = 0,
-                 prepare=None):
+    def __init__(
+        self,
+        train_file: str,
+        val_file: str | None = None,
+        format: str = "sft",
+        max_length: int = 512,
+        batch_size: int = 8,
+        eval_batch_size: int | None = None,
+        val_fraction: float = 0.05,
+        num_workers: int = 0,
+        strict: bool = False,
+        seed: int = 0,
+        prepare=None,
+    ):
         super().__init__()
         if format not in FORMATS:
             raise ValueError(f"data.format must be one of {sorted(FORMATS)}, got {format!r}")
@@ -71,16 +81,23 @@ class TextDataModule(L.LightningDataModule):
         """Data problems for the end-of-run summary: nothing is dropped silently."""
         if self.train_set is None:
             return []
-        lines = [f"data: {self.num_skipped} unusable line(s) skipped, {self.num_truncated} example(s) truncated "
-                 f"to {self.max_length} tokens"]
+        lines = [
+            f"data: {self.num_skipped} unusable line(s) skipped, {self.num_truncated} example(s) truncated "
+            f"to {self.max_length} tokens"
+        ]
         lines += [f"  {report.summary()}" for report in self.skip_reports if len(report)]
         return lines
 
     def _loader(self, dataset, batch_size: int, shuffle: bool) -> DataLoader:
         sampler = EpochSeededSampler(len(dataset), self.seed) if shuffle else None
-        return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=self.num_workers,
-                          collate_fn=PadCollator(self.tokenizer.pad_token_id),
-                          persistent_workers=self.num_workers > 0)
+        return DataLoader(
+            dataset,
+            batch_size=batch_size,
+            sampler=sampler,
+            num_workers=self.num_workers,
+            collate_fn=PadCollator(self.tokenizer.pad_token_id),
+            persistent_workers=self.num_workers > 0,
+        )
 
     def train_dataloader(self) -> DataLoader:
         return self._loader(self.train_set, self.batch_size, shuffle=True)

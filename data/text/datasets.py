@@ -16,7 +16,9 @@ log = logging.getLogger(__name__)
 class SFTDataset(Dataset):
     """Chat-templated examples; prompt labels -100. Bad rows are skipped and counted in `report`."""
 
-    def __init__(self, path, tokenizer, max_length: int, strict: bool = False, config_key: str = "data.train_file"):
+    def __init__(
+        self, path, tokenizer, max_length: int, strict: bool = False, config_key: str = "data.train_file"
+    ):
         rows, self.report = read_jsonl(path, strict=strict, config_key=config_key)
         self.examples, self.num_truncated = [], 0
         for row in rows:

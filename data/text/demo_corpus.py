@@ -77,8 +77,13 @@ def build_demo_sft(out_dir: str | Path, val_size: int = 48, seed: int = 0) -> di
         with open(paths[split], "w", encoding="utf-8") as handle:
             for word, answer in rows:
                 handle.write(json.dumps({"prompt": template.format(word), "response": answer}) + "\n")
-    log.info("demo corpus (%s): %d train, %d val rows in %s", source, len(splits["train"]),
-             len(splits["val"]), out_dir)
+    log.info(
+        "demo corpus (%s): %d train, %d val rows in %s",
+        source,
+        len(splits["train"]),
+        len(splits["val"]),
+        out_dir,
+    )
     return paths
 
 

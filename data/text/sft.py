@@ -18,8 +18,10 @@ def to_messages(row: dict) -> list[dict]:
     """Accept {"prompt","response"} (optionally "system") or {"messages": [{role, content}, ...]}."""
     if "messages" in row:
         messages = row["messages"]
-        if not isinstance(messages, list) or not messages or not all(
-            isinstance(m, dict) and "role" in m and "content" in m for m in messages
+        if (
+            not isinstance(messages, list)
+            or not messages
+            or not all(isinstance(m, dict) and "role" in m and "content" in m for m in messages)
         ):
             raise ValueError("`messages` must be a non-empty list of {role, content}")
         if messages[-1]["role"] != "assistant" or not str(messages[-1]["content"]).strip():
@@ -28,8 +30,10 @@ def to_messages(row: dict) -> list[dict]:
     if "prompt" in row and "response" in row:
         if not str(row["response"]).strip():
             raise ValueError("empty response")
-        messages = [{"role": "user", "content": str(row["prompt"])},
-                    {"role": "assistant", "content": str(row["response"])}]
+        messages = [
+            {"role": "user", "content": str(row["prompt"])},
+            {"role": "assistant", "content": str(row["response"])},
+        ]
         if row.get("system"):
             messages.insert(0, {"role": "system", "content": str(row["system"])})
         return messages
@@ -46,7 +50,7 @@ def tokenize_chat(tokenizer, messages: list[dict], max_length: int) -> Tokenized
     full_ids = _template_ids(tokenizer, messages, add_generation_prompt=False)
     if full_ids[: len(prompt_ids)] != prompt_ids:
         raise ValueError("chat template is not prefix-stable; cannot locate the answer tokens")
-    labels = [IGNORE_INDEX] * len(prompt_ids) + full_ids[len(prompt_ids):]
+    labels = [IGNORE_INDEX] * len(prompt_ids) + full_ids[len(prompt_ids) :]
     truncated = len(full_ids) > max_length
     return TokenizedExample(full_ids[:max_length], labels[:max_length], truncated)
 

@@ -16,7 +16,9 @@ from models.attention_capture import sampled_attention_probs
 from recipes.objectives.base import Objective, ObjectiveContext
 
 
-def sample_query_positions(attention_mask: torch.Tensor, num_rows: int, generator: torch.Generator) -> torch.Tensor:
+def sample_query_positions(
+    attention_mask: torch.Tensor, num_rows: int, generator: torch.Generator
+) -> torch.Tensor:
     """Sorted [S] long positions, drawn without replacement among t >= 1 that are real in some row.
 
     S = min(num_rows, number of candidates). Position 0 is never drawn (it sees one key: no information).
@@ -42,8 +44,16 @@ class AttentionDiversityObjective(Objective):
 
     name = "adl"
 
-    def __init__(self, weight: float = 1.0, warmup_steps: int = 0, layers: Sequence[int] | None = None,
-                 num_rows: int = 64, threshold: float = 2.0, causal: bool = True, seed: int = 0):
+    def __init__(
+        self,
+        weight: float = 1.0,
+        warmup_steps: int = 0,
+        layers: Sequence[int] | None = None,
+        num_rows: int = 64,
+        threshold: float = 2.0,
+        causal: bool = True,
+        seed: int = 0,
+    ):
         super().__init__(weight, warmup_steps)
         if num_rows < 1:
             raise ValueError(f"adl.num_rows must be >= 1, got {num_rows}")
@@ -63,12 +73,16 @@ class AttentionDiversityObjective(Objective):
 
     def loss(self, ctx: ObjectiveContext) -> torch.Tensor:
         if not ctx.attention:
-            raise ValueError("adl needs captured queries/keys: the recipe must wrap the forward in QueryKeyCapture")
+            raise ValueError(
+                "adl needs captured queries/keys: the recipe must wrap the forward in QueryKeyCapture"
+            )
         attention_mask = ctx.batch["attention_mask"]
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + int(ctx.step))
         positions = sample_query_positions(attention_mask, self.num_rows, generator)
         per_layer = []
         for layer in sorted(ctx.attention) if self.layers is None else self.layers:
             probs = sampled_attention_probs(ctx.attention[layer], positions, attention_mask, self.causal)
-            per_layer.append(attention_diversity_loss(probs, self.threshold, self.causal, positions, attention_mask))
+            per_layer.append(
+                attention_diversity_loss(probs, self.threshold, self.causal, positions, attention_mask)
+            )
         return torch.stack(per_layer).mean()

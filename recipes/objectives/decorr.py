@@ -16,7 +16,9 @@ def input_side_mask(attention_mask: torch.Tensor, labels: torch.Tensor) -> torch
     """[B,T] bool: non-pad positions before the row's first target (labels != -100); whole row if none."""
     is_target = labels != -100
     length = labels.shape[1]
-    first_target = torch.where(is_target.any(1), is_target.int().argmax(1), torch.full_like(labels[:, 0], length))
+    first_target = torch.where(
+        is_target.any(1), is_target.int().argmax(1), torch.full_like(labels[:, 0], length)
+    )
     before = torch.arange(length, device=labels.device)[None, :] < first_target[:, None]
     return before & attention_mask.bool()
 
@@ -39,8 +41,15 @@ class BosDecorrelationObjective(Objective):
     name = "decorr"
     needs_hidden_states = True
 
-    def __init__(self, weight: float = 1.0e4, warmup_steps: int = 0, tokens: str = "input_side",
-                 layers: Sequence[int] | None = None, margin: float = 0.0, sink_threshold: float = 0.5):
+    def __init__(
+        self,
+        weight: float = 1.0e4,
+        warmup_steps: int = 0,
+        tokens: str = "input_side",
+        layers: Sequence[int] | None = None,
+        margin: float = 0.0,
+        sink_threshold: float = 0.5,
+    ):
         super().__init__(weight, warmup_steps)
         if tokens not in TOKEN_SETS:
             raise ValueError(f"decorr.tokens must be one of {TOKEN_SETS}, got {tokens!r}")
@@ -69,5 +78,7 @@ class BosDecorrelationObjective(Objective):
 
     def loss(self, ctx: ObjectiveContext) -> torch.Tensor:
         if ctx.hidden_states is None:
-            raise ValueError("decorr needs hidden states: the recipe must run the LLM with output_hidden_states")
+            raise ValueError(
+                "decorr needs hidden states: the recipe must run the LLM with output_hidden_states"
+            )
         return bos_decorrelation_loss(ctx.hidden_states, self.token_mask(ctx), self._layers(ctx), self.margin)

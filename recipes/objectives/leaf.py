@@ -21,8 +21,9 @@ def check_same_tokenizer(teacher_tokenizer, student_tokenizer) -> None:
     teacher_vocab, student_vocab = teacher_tokenizer.get_vocab(), student_tokenizer.get_vocab()
     if teacher_vocab == student_vocab:
         return
-    differing = sorted(t for t in set(teacher_vocab) | set(student_vocab)
-                       if teacher_vocab.get(t) != student_vocab.get(t))
+    differing = sorted(
+        t for t in set(teacher_vocab) | set(student_vocab) if teacher_vocab.get(t) != student_vocab.get(t)
+    )
     raise ValueError(
         "LeaF needs the teacher and the student to share one tokenizer (token ids are compared): "
         f"teacher has {len(teacher_vocab)} tokens, student {len(student_vocab)}; "
@@ -45,8 +46,14 @@ class LeafDistillationObjective(Objective):
     name = "leaf"
     reduction = "sum"
 
-    def __init__(self, teacher: Callable | tuple, temperature: float = 1.0, teacher_dtype: str = "bf16",
-                 weight: float = 1.0, warmup_steps: int = 0):
+    def __init__(
+        self,
+        teacher: Callable | tuple,
+        temperature: float = 1.0,
+        teacher_dtype: str = "bf16",
+        weight: float = 1.0,
+        warmup_steps: int = 0,
+    ):
         super().__init__(weight, warmup_steps)
         if temperature <= 0:
             raise ValueError(f"leaf.temperature must be > 0, got {temperature}")
@@ -56,7 +63,9 @@ class LeafDistillationObjective(Objective):
         self.teacher: torch.nn.Module | None = None
 
     def setup(self, model: torch.nn.Module, tokenizer) -> list[int]:
-        teacher, teacher_tokenizer = self.teacher_source() if callable(self.teacher_source) else self.teacher_source
+        teacher, teacher_tokenizer = (
+            self.teacher_source() if callable(self.teacher_source) else self.teacher_source
+        )
         check_same_tokenizer(teacher_tokenizer, tokenizer)
         teacher.requires_grad_(False)
         self.teacher = teacher.to(self.teacher_dtype).eval()

@@ -52,8 +52,15 @@ class MeapObjective(Objective):
 
     name = "meap"
 
-    def __init__(self, mode: str = "pretrain", ratio: float | None = None, min_answer_tokens: int = 50,
-                 mask_token: str = "[MASK]", weight: float = 0.0, warmup_steps: int = 0):
+    def __init__(
+        self,
+        mode: str = "pretrain",
+        ratio: float | None = None,
+        min_answer_tokens: int = 50,
+        mask_token: str = "[MASK]",
+        weight: float = 0.0,
+        warmup_steps: int = 0,
+    ):
         super().__init__(weight, warmup_steps)
         if mode not in MODES:
             raise ValueError(f"meap.mode must be one of {MODES}, got {mode!r}")
@@ -75,13 +82,16 @@ class MeapObjective(Objective):
             raise RuntimeError("MeapObjective.setup(model, tokenizer) must run before transform_batch")
         input_ids, labels = batch["input_ids"], batch["labels"]
         if self.mode == "pretrain":
-            masked_ids, _ = meap_mask(input_ids, labels, self.mask_token_id, self.ratio, "pretrain", generator)
+            masked_ids, _ = meap_mask(
+                input_ids, labels, self.mask_token_id, self.ratio, "pretrain", generator
+            )
             return {**batch, "input_ids": masked_ids}
         rows = ((labels != IGNORE_INDEX).sum(1) > self.min_answer_tokens).nonzero().flatten()
         if rows.numel() == 0:
             return batch
-        masked_ids, masked_labels = meap_mask(input_ids[rows], labels[rows], self.mask_token_id, self.ratio,
-                                              "sft", generator)
+        masked_ids, masked_labels = meap_mask(
+            input_ids[rows], labels[rows], self.mask_token_id, self.ratio, "sft", generator
+        )
         return append_rows(batch, rows, {"input_ids": masked_ids, "labels": masked_labels})
 
     def loss(self, ctx: ObjectiveContext) -> torch.Tensor:

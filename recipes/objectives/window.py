@@ -19,7 +19,9 @@ class WindowTokenNormaliser:
     def __init__(self):
         self.local_tokens: torch.Tensor | None = None
 
-    def scale(self, loss_sum: torch.Tensor, local_tokens: torch.Tensor, accumulate: int, ranks: int) -> torch.Tensor:
+    def scale(
+        self, loss_sum: torch.Tensor, local_tokens: torch.Tensor, accumulate: int, ranks: int
+    ) -> torch.Tensor:
         """Count this micro-batch's target tokens; return the loss to back-propagate (sum * A * R)."""
         tokens = local_tokens.detach().to(torch.float64)
         self.local_tokens = tokens if self.local_tokens is None else self.local_tokens + tokens
