@@ -68,3 +68,13 @@ def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
     return trainable, total
+
+
+def log_parameter_counts(model: torch.nn.Module) -> None:
+    trainable, total = count_parameters(model)
+    log.info(
+        "parameters: %s trainable of %s (%.3f%%)",
+        f"{trainable:,}",
+        f"{total:,}",
+        100 * trainable / max(1, total),
+    )

@@ -19,7 +19,7 @@ from torchmetrics import MeanMetric
 from metrics.wer import CorpusWER
 from models.attention_capture import disable_capture
 from models.avsr.avsr_model import MODALITIES, AVSRModel
-from models.lora import count_parameters, set_trainable
+from models.lora import log_parameter_counts, set_trainable
 from recipes.avsr_export import export_avsr, trainable_state_keys
 from recipes.llm_setup import prepare_llm
 from recipes.objectives.base import Objective
@@ -120,13 +120,7 @@ class AVSRRecipe(L.LightningModule):
             self.add_module(f"{stage}_wer", self.wer_metrics[stage])
         self.examples: list[tuple[str, str]] = []
         self.strict_loading = False  # checkpoints hold only the trainable weights
-        trainable_count, total = count_parameters(self.model)
-        log.info(
-            "parameters: %s trainable of %s (%.3f%%)",
-            f"{trainable_count:,}",
-            f"{total:,}",
-            100 * trainable_count / max(1, total),
-        )
+        log_parameter_counts(self.model)
 
     @property
     def llm(self) -> torch.nn.Module:

@@ -11,7 +11,7 @@ import torch
 from torchmetrics import MeanMetric
 
 from models.attention_capture import disable_capture
-from models.lora import count_parameters
+from models.lora import log_parameter_counts
 from recipes import segments as seg
 from recipes.llm_setup import prepare_llm
 from recipes.objectives.base import Objective
@@ -58,13 +58,7 @@ class CausalLMRecipe(L.LightningModule):
         self.window = WindowTokenNormaliser()
         self.val_loss = MeanMetric()
         self.strict_loading = False  # checkpoints hold only the trainable weights
-        trainable_count, total = count_parameters(self.llm)
-        log.info(
-            "parameters: %s trainable of %s (%.3f%%)",
-            f"{trainable_count:,}",
-            f"{total:,}",
-            100 * trainable_count / max(1, total),
-        )
+        log_parameter_counts(self.llm)
 
     # ---- steps -----------------------------------------------------------------------------------
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
