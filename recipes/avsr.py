@@ -81,6 +81,8 @@ class AVSRRecipe(L.LightningModule):
         if modality not in MODALITIES:
             raise ValueError(f"model.modality must be one of {sorted(MODALITIES)}, got {modality!r}")
         self.objectives = ObjectiveSet(objectives)
+        if self.objectives.sums_over_tokens:  # LeaF's teacher reads token ids; AVSR inputs are embeddings
+            raise ValueError("token-sum objectives (leaf) run with the causal LM recipe, not with AVSR")
         llm, self.tokenizer = prepare_llm(backbone, self.objectives, lora, None, gradient_checkpointing)
         width = llm.config.hidden_size
         parts = {}

@@ -174,3 +174,11 @@ def test_sink_probe_inputs_and_export_round_trip(tmp_path):
     empty = fresh.training_step({"text": [], "ids": [], "skipped": {"too_long": 2}}, 0)  # all clips skipped
     empty.backward()
     assert float(empty) == 0 and all(p.grad is not None for p in fresh.parameters() if p.requires_grad)
+
+
+def test_avsr_rejects_leaf_with_a_clear_error():
+    from recipes.objectives.leaf import LeafDistillationObjective
+
+    teacher = build_tiny_llama(special_tokens=SPECIAL)
+    with pytest.raises(ValueError, match="causal LM recipe"):
+        build_recipe("audio", {"leaf": LeafDistillationObjective(teacher=teacher, teacher_dtype="fp32")})
