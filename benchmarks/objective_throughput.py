@@ -29,6 +29,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
+from models.causal_lm import resolve_dtype  # noqa: E402
 from models.lora import apply_lora  # noqa: E402
 from recipes.objectives.adl import AttentionDiversityObjective  # noqa: E402
 from recipes.objectives.compose import ObjectiveSet, total_loss  # noqa: E402
@@ -240,7 +241,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> list[dict]:
     args = parse_args(argv)
     device = torch.device(args.device)
-    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
+    dtype = resolve_dtype(args.dtype)
     shape = TINY if args.tiny else LLAMA_1B
     names = [n.strip() for n in args.objectives.split(",") if n.strip()]
     if "none" not in names:

@@ -20,6 +20,8 @@ from dataclasses import dataclass
 
 import torch
 
+from losses.decorrelation import bos_cosines
+
 
 def query_positions_mask(valid: torch.Tensor, first_query: int = 1) -> torch.Tensor:
     """valid [B,T] bool -> [B,T] bool: valid queries at positions >= first_query."""
@@ -113,9 +115,8 @@ def top_feature_magnitudes(hidden: torch.Tensor, valid: torch.Tensor, k: int = 3
 
 
 def bos_cosine(hidden: torch.Tensor) -> torch.Tensor:
-    """hidden [B,T,D] -> [B,T] float32: cos(h[b,0], h[b,t]) (position 0 gives 1)."""
-    h = hidden.detach().float()
-    return torch.nn.functional.cosine_similarity(h[:, :1, :], h, dim=-1, eps=1e-12)
+    """hidden [B,T,D] -> [B,T] float32: cos(h[b,0], h[b,t]) (position 0 gives 1); the loss's own maths."""
+    return bos_cosines([hidden.detach()], [0])[0].float()
 
 
 def mean_bos_cosine(cosine: torch.Tensor, token_mask: torch.Tensor) -> float:

@@ -20,7 +20,8 @@ from metrics.wer import CorpusWER
 from models.attention_capture import disable_capture
 from models.avsr.avsr_model import MODALITIES, AVSRModel
 from models.lora import log_parameter_counts, set_trainable
-from recipes.avsr_export import export_avsr, trainable_state_keys
+from recipes.avsr_export import export_avsr
+from recipes.checkpoint import keep_trainable_state
 from recipes.llm_setup import prepare_llm
 from recipes.objectives.base import Objective
 from recipes.objectives.compose import ObjectiveSet, total_loss
@@ -202,8 +203,7 @@ class AVSRRecipe(L.LightningModule):
 
     # ---- checkpoints: only what trains -----------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        keep = {f"model.{k}" for k in trainable_state_keys(self.model)}
-        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
+        keep_trainable_state(checkpoint, self.model, "model.")
 
     # ---- diagnostics contract (diagnostics/callback.py) ------------------------------------------
     @torch.no_grad()

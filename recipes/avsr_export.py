@@ -15,18 +15,7 @@ from pathlib import Path
 import torch
 
 from models.avsr.avsr_model import AVSRModel
-
-
-def trainable_state_keys(model: torch.nn.Module) -> set[str]:
-    """state_dict keys that change in training: trainable parameters and the buffers of their modules."""
-    keys = set()
-    for prefix, module in model.named_modules():
-        own = dict(module.named_parameters(recurse=False))
-        if any(p.requires_grad for p in own.values()):
-            dot = f"{prefix}." if prefix else ""
-            keys.update(f"{dot}{name}" for name, p in own.items() if p.requires_grad)
-            keys.update(f"{dot}{name}" for name, _ in module.named_buffers(recurse=False))
-    return keys
+from recipes.checkpoint import trainable_state_keys
 
 
 def export_avsr(

@@ -13,6 +13,7 @@ from torchmetrics import MeanMetric
 from models.attention_capture import disable_capture
 from models.lora import log_parameter_counts
 from recipes import segments as seg
+from recipes.checkpoint import keep_trainable_state
 from recipes.llm_setup import prepare_llm
 from recipes.objectives.base import Objective
 from recipes.objectives.compose import ObjectiveSet, total_loss
@@ -108,9 +109,7 @@ class CausalLMRecipe(L.LightningModule):
 
     # ---- checkpoints: only trainable weights ------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        trainable = {f"llm.{n}" for n, p in self.llm.named_parameters() if p.requires_grad}
-        state = checkpoint["state_dict"]
-        checkpoint["state_dict"] = {k: v for k, v in state.items() if k in trainable}
+        keep_trainable_state(checkpoint, self.llm, "llm.")
 
     # ---- diagnostics contract (diagnostics/callback.py) ------------------------------------------
     def sink_probe_inputs(self, batch: dict) -> tuple[dict, torch.Tensor]:

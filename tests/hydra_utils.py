@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 from pathlib import Path
 
 from hydra import compose, initialize_config_dir
@@ -46,3 +47,9 @@ def tiny_sft_overrides(*extra: str) -> list[str]:
         "peft.dropout=0.0",
         *extra,
     ]
+
+
+def logged(run_dir: Path, key: str) -> list[float]:
+    """Every value of `key` (e.g. "train/loss") in the run's CSV log, in order."""
+    rows = list(csv.DictReader(open(run_dir / "csv" / "metrics.csv")))
+    return [float(r[key]) for r in rows if r.get(key)]

@@ -2,25 +2,14 @@
 
 from __future__ import annotations
 
-import csv
 import os
 import subprocess
 import sys
 
 import pytest
 
-from tests.hydra_utils import REPO, compose_train, tiny_sft_overrides
+from tests.hydra_utils import REPO, compose_train, logged, tiny_sft_overrides
 from train import train
-
-
-def val_losses(run_dir) -> list[float]:
-    rows = list(csv.DictReader(open(run_dir / "csv" / "metrics.csv")))
-    return [float(r["val/loss"]) for r in rows if r.get("val/loss")]
-
-
-def train_losses(run_dir) -> list[float]:
-    rows = list(csv.DictReader(open(run_dir / "csv" / "metrics.csv")))
-    return [float(r["train/loss"]) for r in rows if r.get("train/loss")]
 
 
 def test_two_process_ddp_matches_single_process_on_synced_metrics(tmp_path):
@@ -47,10 +36,10 @@ def test_two_process_ddp_matches_single_process_on_synced_metrics(tmp_path):
     single_dir = tmp_path / "single"
     train(compose_train(tiny_sft_overrides(*common), single_dir))
 
-    ddp_val, single_val = val_losses(ddp_dir), val_losses(single_dir)
+    ddp_val, single_val = logged(ddp_dir, "val/loss"), logged(single_dir, "val/loss")
     # before training both see identical weights: the token-weighted, all-reduced val/loss must match
     assert ddp_val[0] == pytest.approx(single_val[0], abs=1e-5)
-    assert len(train_losses(ddp_dir)) == 2
+    assert len(logged(ddp_dir, "train/loss")) == 2
     assert (ddp_dir / "adapter" / "adapter_config.json").exists()
     strays = [p for p in ddp_dir.parent.iterdir() if p.name not in {"ddp", "single"}]
     assert not strays, f"DDP created stray run folders: {strays}"

@@ -184,7 +184,7 @@ def test_meap_sft_copies_only_rows_with_long_answers():
         "input_ids": torch.arange(12).reshape(2, 6),
         "attention_mask": torch.ones(2, 6, dtype=torch.long),
         "labels": torch.tensor([[-100, -100, 2, 3, 4, 5], [-100, -100, -100, -100, 10, 11]]),
-        "target_tokens_in_window": torch.tensor(7),
+        "num_items_in_batch": torch.tensor(7),  # a 0-dim field: passed through, not copied
     }
     out = meap.transform_batch(batch, torch.Generator().manual_seed(0))
     assert out["input_ids"].shape == (3, 6) and out["attention_mask"].shape == (3, 6)
@@ -192,7 +192,7 @@ def test_meap_sft_copies_only_rows_with_long_answers():
     copy_ids, copy_labels = out["input_ids"][2], out["labels"][2]
     assert (copy_ids == 99).sum() == 2 and (copy_ids[:2] == torch.tensor([0, 1])).all()
     assert torch.equal(copy_labels[copy_ids == 99], batch["input_ids"][0][copy_ids == 99])
-    assert out["target_tokens_in_window"] is batch["target_tokens_in_window"]
+    assert out["num_items_in_batch"] is batch["num_items_in_batch"]
 
 
 def test_window_normalisation_gives_the_global_token_mean_gradient():

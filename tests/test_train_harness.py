@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 import json
 
 import pytest
@@ -10,23 +9,18 @@ import torch
 from peft import PeftModel
 
 from models.causal_lm import build_tiny_llama
-from tests.hydra_utils import FIXTURES, compose_train, tiny_sft_overrides
+from tests.hydra_utils import FIXTURES, compose_train, logged, tiny_sft_overrides
 from train import train
 
 # First three training losses of the seeded tiny run (recorded from this harness; tolerance 1e-3).
 PINNED_FIRST_LOSSES = [10.8675537109375, 10.84436321258545, 10.816951751708984]
 
 
-def train_losses(run_dir) -> list[float]:
-    rows = list(csv.DictReader(open(run_dir / "csv" / "metrics.csv")))
-    return [float(r["train/loss"]) for r in rows if r.get("train/loss")]
-
-
 def test_smoke_run_pins_first_losses_and_writes_run_folder(tmp_path):
     run_dir = tmp_path / "run"
     cfg = compose_train(tiny_sft_overrides("trainer.max_steps=3", "scheduler=none"), run_dir)
     after = train(cfg)
-    losses = train_losses(run_dir)
+    losses = logged(run_dir, "train/loss")
     assert len(losses) == 3 and all(torch.isfinite(torch.tensor(losses)))
     if PINNED_FIRST_LOSSES is not None:
         assert losses == pytest.approx(PINNED_FIRST_LOSSES, abs=1e-3)
@@ -47,11 +41,11 @@ def test_resume_reproduces_uninterrupted_curve(tmp_path):
     train(compose_train(tiny_sft_overrides(*common, "trainer.max_epochs=2"), full_dir))
     part_dir = tmp_path / "part"
     train(compose_train(tiny_sft_overrides(*common, "trainer.max_epochs=1"), part_dir))
-    first_half = train_losses(part_dir)
+    first_half = logged(part_dir, "train/loss")
     # same run folder, ckpt_path=auto picks up checkpoints/last.ckpt (what a Slurm requeue does)
     train(compose_train(tiny_sft_overrides(*common, "trainer.max_epochs=2"), part_dir))
-    resumed = train_losses(part_dir)
-    uninterrupted = train_losses(full_dir)
+    resumed = logged(part_dir, "train/loss")
+    uninterrupted = logged(full_dir, "train/loss")
     assert len(first_half) == 4 and len(uninterrupted) == 8, (first_half, uninterrupted)
     assert resumed == pytest.approx(uninterrupted, abs=1e-5)
 
