@@ -7,6 +7,7 @@ python train.py experiment=lm_decorr debug=smoke
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from pathlib import Path
@@ -77,9 +78,22 @@ def _train(cfg: DictConfig) -> dict:
             if hasattr(part, "summary_lines"):
                 extra.extend(part.summary_lines())
         lines = summary_lines(before, after, history, str(run_dir), trainer, extra)
+        write_results(run_dir / "results.json", before, after, trainer.global_step, history)
         _finish_wandb()  # its own closing report would otherwise bury ours
         print("\n".join(lines), flush=True)
     return after
+
+
+def write_results(path: Path, before: dict, after: dict, step: int, history: TrainLossHistory) -> None:
+    """Machine-readable end of run (studies read it; its presence marks a finished run)."""
+    payload = {
+        "step": int(step),
+        "before": before,
+        "after": after,
+        "train_loss_first": history.first,
+        "train_loss_last": history.last,
+    }
+    path.write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")
 
 
 def _metrics(results: list[dict]) -> dict:
