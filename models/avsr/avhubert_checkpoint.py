@@ -20,6 +20,7 @@ file is executed beyond building tensors and containers.
 
 from __future__ import annotations
 
+import _compat_pickle
 import argparse
 import collections
 import copyreg
@@ -52,7 +53,13 @@ SAFE_GLOBALS = {
     ("builtins", "dict"): dict,
     ("builtins", "list"): list,
     ("builtins", "tuple"): tuple,
+    ("builtins", "str"): str,
+    ("builtins", "int"): int,
+    ("builtins", "float"): float,
+    ("builtins", "bool"): bool,
+    ("builtins", "bytes"): bytes,
 }
+TYPING_GLOBALS = {"Any", "Dict", "List", "Tuple", "Optional", "Union"}  # OmegaConf node metadata
 TORCH_GLOBALS = {
     "torch._utils": {"_rebuild_tensor", "_rebuild_tensor_v2", "_rebuild_parameter", "_rebuild_device_tensor_from_numpy"},
     "torch._tensor": {"_rebuild_from_type_v2"},
@@ -109,8 +116,13 @@ class RestrictedUnpickler(pickle.Unpickler):
     """Loads tensors and plain data; placeholders for fairseq/omegaconf classes; refuses anything else."""
 
     def find_class(self, module: str, name: str):
+        if (module, name) in _compat_pickle.NAME_MAPPING:  # protocol 2 writes Python 2 names
+            module, name = _compat_pickle.NAME_MAPPING[(module, name)]
+        module = _compat_pickle.IMPORT_MAPPING.get(module, module)
         if (module, name) in SAFE_GLOBALS:
             return SAFE_GLOBALS[(module, name)]
+        if module == "typing" and name in TYPING_GLOBALS:
+            return super().find_class(module, name)
         if name in TORCH_GLOBALS.get(module, ()):
             return super().find_class(module, name)
         if module == "torch" and (name.endswith("Storage") or name in ("float32", "float16", "bfloat16")):
