@@ -63,7 +63,9 @@ def test_audio_frontend_matches_python_speech_features_logfbank_stacked_per_clip
         assert features[row, out_lengths[row] :].abs().sum() == 0
     normalized, _ = StackedLogFilterbank(normalize=True)(audio, lengths)
     frame = features[0, 3]
-    assert torch.allclose(normalized[0, 3], (frame - frame.mean()) / (frame.var(unbiased=False) + 1e-5).sqrt(), atol=1e-4)
+    assert torch.allclose(
+        normalized[0, 3], (frame - frame.mean()) / (frame.var(unbiased=False) + 1e-5).sqrt(), atol=1e-4
+    )
 
 
 def test_audio_cut_to_640_samples_per_video_frame_gives_one_feature_per_video_frame():
@@ -100,7 +102,9 @@ def test_forward_shapes_and_padded_row_equals_the_clip_alone(modality):
     def run(rows):
         if modality == "audio":
             return encoder(audio[rows], audio_lengths[rows])
-        extra = {"audio": audio[rows], "audio_lengths": audio_lengths[rows]} if modality == "audiovisual" else {}
+        extra = (
+            {"audio": audio[rows], "audio_lengths": audio_lengths[rows]} if modality == "audiovisual" else {}
+        )
         return encoder(video[rows], lengths[rows], **extra)
 
     features, out_lengths = run(slice(0, 2))
@@ -124,7 +128,10 @@ def test_audiovisual_encoder_uses_both_streams_and_asks_for_audio_clearly():
 def test_lora_on_query_and_value_only_trains_alone_and_starts_as_the_identity():
     plain = build_avhubert_encoder(size="tiny", modality="video", seed=3).eval()
     lora = build_avhubert_encoder(
-        size="tiny", modality="video", seed=3, lora={"r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"]}
+        size="tiny",
+        modality="video",
+        seed=3,
+        lora={"r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"]},
     ).eval()
     trainable = [n for n, p in lora.named_parameters() if p.requires_grad]
     assert trainable and all("lora_" in n for n in trainable)
@@ -150,3 +157,30 @@ def test_projector_layer_norm_after_the_mlp_normalises_the_llm_width_tokens():
     assert torch.equal(lengths, torch.tensor([3, 2])) and tokens[1, 2:].abs().sum() == 0
     with pytest.raises(ValueError, match="layer_norm_position"):
         ModalityProjector(8, 16, layer_norm=True, layer_norm_position="middle")
+
+
+def test_one_fused_av_hubert_in_the_video_slot_reads_the_batch_audio(tiny_lm):
+    from models.avsr.avsr_model import AVSRModel
+
+    llm, tokenizer = tiny_lm
+    encoder = build_avhubert_encoder(size="tiny", modality="audiovisual").eval()
+    model = AVSRModel(
+        llm,
+        tokenizer,
+        "video",
+        "Transcribe.",
+        video_encoder=encoder,
+        video_projector=ModalityProjector(encoder.output_dim, llm.config.hidden_size, rate=2),
+    )
+    video, lengths, audio, audio_lengths = video_batch()
+    batch = {
+        "text": ["a", "b"],
+        "video": video,
+        "video_lengths": lengths,
+        "audio": audio,
+        "audio_lengths": audio_lengths,
+    }
+    tokens, token_lengths = model.modality_tokens(batch)["video"]
+    assert tokens.shape[:2] == (2, 5) and torch.equal(token_lengths, torch.tensor([5, 3]))
+    silent, _ = model.modality_tokens({**batch, "audio": audio * 0})["video"]
+    assert not torch.allclose(tokens, silent)

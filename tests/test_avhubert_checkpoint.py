@@ -89,14 +89,24 @@ def pretrained_file(tmp_path, model, cfg_style="dict"):
     if cfg_style == "args":  # older fairseq: one argparse namespace, no cfg
         return write(
             tmp_path / "old.pt",
-            {"args": argparse.Namespace(**{**TASK_CFG, **MODEL_CFG}), "cfg": None, "model": pretraining_state(model)},
+            {
+                "args": argparse.Namespace(**{**TASK_CFG, **MODEL_CFG}),
+                "cfg": None,
+                "model": pretraining_state(model),
+            },
         )
     cfg = {"model": MODEL_CFG, "task": TASK_CFG, "common": {"seed": 1}}
     if cfg_style == "omegaconf":
         cfg = OmegaConf.create(cfg)
     return write(
         tmp_path / "pretrained.pt",
-        {"args": None, "cfg": cfg, "model": pretraining_state(model), "extra_state": extra, "optimizer_history": []},
+        {
+            "args": None,
+            "cfg": cfg,
+            "model": pretraining_state(model),
+            "extra_state": extra,
+            "optimizer_history": [],
+        },
     )
 
 
@@ -105,8 +115,12 @@ def finetuned_file(tmp_path, model):
     state["decoder.embed_tokens.weight"] = torch.randn(20, 8)
     state["decoder.layers.0.fc1.weight"] = torch.randn(8, 8)
     cfg = {
-        "model": {"_name": "av_hubert_seq2seq", "w2v_path": "/x/large_vox_iter5.pt", "decoder_layers": 1,
-                  "w2v_args": {"model": MODEL_CFG, "task": TASK_CFG}},
+        "model": {
+            "_name": "av_hubert_seq2seq",
+            "w2v_path": "/x/large_vox_iter5.pt",
+            "decoder_layers": 1,
+            "w2v_args": {"model": MODEL_CFG, "task": TASK_CFG},
+        },
         "task": {"_name": "av_hubert_pretraining", "normalize": True, "modalities": ["video"]},
     }
     return write(tmp_path / "finetuned_433h.pt", {"cfg": cfg, "model": state})

@@ -15,15 +15,21 @@ def spm_model(tmp_path_factory):
     """A small unigram model trained here on the repo's own sentences (auto_avsr uses unigram5000)."""
     prefix = tmp_path_factory.mktemp("spm") / "unigram"
     sentencepiece.SentencePieceTrainer.train(
-        input=str(SENTENCES), model_prefix=str(prefix), vocab_size=200, model_type="unigram",
-        character_coverage=1.0, minloglevel=2,
+        input=str(SENTENCES),
+        model_prefix=str(prefix),
+        vocab_size=200,
+        model_type="unigram",
+        character_coverage=1.0,
+        minloglevel=2,
     )
     return prefix.with_suffix(".model")
 
 
 def write_ids_manifest(path, spm_model, texts):
     processor = sentencepiece.SentencePieceProcessor(model_file=str(spm_model))
-    lines = [f"lrs3,test/clip{i}.mp4,50,{' '.join(map(str, processor.encode(t)))}" for i, t in enumerate(texts)]
+    lines = [
+        f"lrs3,test/clip{i}.mp4,50,{' '.join(map(str, processor.encode(t)))}" for i, t in enumerate(texts)
+    ]
     path.write_text("\n".join(lines) + "\n")
     return path
 

@@ -77,10 +77,14 @@ class TokenIdDecoder:
 
     def __call__(self, ids: str) -> str:
         if not TOKEN_IDS.match(ids):
-            raise ManifestError(f"expected space-separated SentencePiece ids (data.spm_model is set), got {ids!r}")
+            raise ManifestError(
+                f"expected space-separated SentencePiece ids (data.spm_model is set), got {ids!r}"
+            )
         values = [int(i) for i in ids.split()]
         if max(values) >= self.processor.get_piece_size():
-            raise ManifestError(f"token id {max(values)} is outside the SentencePiece vocabulary (data.spm_model)")
+            raise ManifestError(
+                f"token id {max(values)} is outside the SentencePiece vocabulary (data.spm_model)"
+            )
         return self.processor.decode(values)
 
 

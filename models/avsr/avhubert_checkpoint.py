@@ -61,7 +61,12 @@ SAFE_GLOBALS = {
 }
 TYPING_GLOBALS = {"Any", "Dict", "List", "Tuple", "Optional", "Union"}  # OmegaConf node metadata
 TORCH_GLOBALS = {
-    "torch._utils": {"_rebuild_tensor", "_rebuild_tensor_v2", "_rebuild_parameter", "_rebuild_device_tensor_from_numpy"},
+    "torch._utils": {
+        "_rebuild_tensor",
+        "_rebuild_tensor_v2",
+        "_rebuild_parameter",
+        "_rebuild_device_tensor_from_numpy",
+    },
     "torch._tensor": {"_rebuild_from_type_v2"},
     "torch": {"Size", "device", "Tensor", "dtype"},
     "torch.nn.parameter": {"Parameter"},
@@ -151,7 +156,9 @@ def load_fairseq_checkpoint(path: str | Path) -> dict:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError:
-        log.info("%s holds non-tensor objects (fairseq/argparse): loading with the restricted unpickler", path)
+        log.info(
+            "%s holds non-tensor objects (fairseq/argparse): loading with the restricted unpickler", path
+        )
         state = torch.load(path, map_location="cpu", weights_only=False, pickle_module=restricted_pickle)
     if not isinstance(state, dict) or "model" not in state:
         raise ValueError(f"{path} is not a fairseq checkpoint (expected a dict with a 'model' state_dict)")
@@ -206,7 +213,9 @@ def config_from_settings(model: dict, state_dict: dict[str, torch.Tensor], prefi
     known = {f.name for f in fields(AVHubertConfig)}
     values = {k: model.get(k, FAIRSEQ_DEFAULTS[k]) for k in FAIRSEQ_DEFAULTS}
     if int(model.get("sub_encoder_layers", 0) or 0) > 0:
-        raise ValueError("AV-HuBERT with per-modality transformer layers (sub_encoder_layers > 0) is not supported")
+        raise ValueError(
+            "AV-HuBERT with per-modality transformer layers (sub_encoder_layers > 0) is not supported"
+        )
     frontend = state_dict.get(f"{prefix}feature_extractor_video.resnet.frontend3D.0.weight")
     if frontend is not None:
         values["resnet_channels"] = int(frontend.shape[0])

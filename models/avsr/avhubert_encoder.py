@@ -85,7 +85,9 @@ class AVHubertEncoder(nn.Module):
     def dtype(self) -> torch.dtype:
         return self.model.layer_norm.weight.dtype
 
-    def _audio_features(self, audio: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _audio_features(
+        self, audio: torch.Tensor, lengths: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         features, frames = self.audio_frontend(audio, lengths)
         return features.to(self.dtype), frames
 
@@ -163,7 +165,9 @@ def build_avhubert_encoder(
         cfg = config_from_settings(settings, state["model"], prefix)
         check_size(cfg, size, checkpoint)
         if int(task.get("stack_order_audio", 4)) != 4:
-            raise ValueError(f"{checkpoint}: stack_order_audio {task['stack_order_audio']} (only 4 is supported)")
+            raise ValueError(
+                f"{checkpoint}: stack_order_audio {task['stack_order_audio']} (only 4 is supported)"
+            )
         if normalize_audio is None:
             normalize_audio = bool(task.get("normalize", True))
         encoder = AVHubertEncoder(cfg, modality, normalize_audio, frozen, output_layer, lora)

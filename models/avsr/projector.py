@@ -68,7 +68,9 @@ class ModalityProjector(nn.Module):
         if compression not in COMPRESSIONS:
             raise ValueError(f"unknown compression {compression!r}; choose one of {COMPRESSIONS}")
         if layer_norm_position not in LAYER_NORM_POSITIONS:
-            raise ValueError(f"layer_norm_position must be one of {LAYER_NORM_POSITIONS}, got {layer_norm_position!r}")
+            raise ValueError(
+                f"layer_norm_position must be one of {LAYER_NORM_POSITIONS}, got {layer_norm_position!r}"
+            )
         if activation not in ACTIVATIONS:
             raise ValueError(f"projector activation must be one of {sorted(ACTIVATIONS)}, got {activation!r}")
         self.rate, self.compression, self.output_dim = rate, compression, output_dim
@@ -84,6 +86,8 @@ class ModalityProjector(nn.Module):
 
     def forward(self, features: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         out_lengths = compressed_lengths(lengths, self.rate)
-        tokens = self.norm_after(self.mlp(self.norm(compress(features, lengths, self.rate, self.compression))))
+        tokens = self.norm_after(
+            self.mlp(self.norm(compress(features, lengths, self.rate, self.compression)))
+        )
         keep = torch.arange(tokens.shape[1], device=tokens.device)[None] < out_lengths[:, None]
         return tokens * keep[..., None].to(tokens.dtype), out_lengths
