@@ -184,3 +184,37 @@ def test_one_fused_av_hubert_in_the_video_slot_reads_the_batch_audio(tiny_lm):
     assert tokens.shape[:2] == (2, 5) and torch.equal(token_lengths, torch.tensor([5, 3]))
     silent, _ = model.modality_tokens({**batch, "audio": audio * 0})["video"]
     assert not torch.allclose(tokens, silent)
+
+
+def test_pre_ln_layer_equals_torch_transformer_layer_with_the_same_weights():
+    from models.avsr.avhubert import EncoderLayer
+
+    cfg = AVHubertConfig.tiny()
+    ours = EncoderLayer(cfg).eval()
+    torch_layer = torch.nn.TransformerEncoderLayer(
+        32, 2, 64, dropout=0.0, activation="gelu", batch_first=True, norm_first=True
+    ).eval()
+    attn = ours.self_attn
+    with torch.no_grad():
+        torch_layer.self_attn.in_proj_weight.copy_(torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight]))
+        torch_layer.self_attn.in_proj_bias.copy_(torch.cat([attn.q_proj.bias, attn.k_proj.bias, attn.v_proj.bias]))
+        torch_layer.self_attn.out_proj.load_state_dict(attn.out_proj.state_dict())
+        torch_layer.linear1.load_state_dict(ours.fc1.state_dict())
+        torch_layer.linear2.load_state_dict(ours.fc2.state_dict())
+        torch_layer.norm1.load_state_dict(ours.self_attn_layer_norm.state_dict())
+        torch_layer.norm2.load_state_dict(ours.final_layer_norm.state_dict())
+    x = torch.randn(2, 7, 32)
+    valid = torch.arange(7)[None] < torch.tensor([[7], [4]])
+    want = torch_layer(x, src_key_padding_mask=~valid)
+    assert torch.allclose(ours(x, valid)[valid], want[valid], atol=1e-5)
+
+
+def test_positional_conv_weight_norm_matches_torch_weight_norm_state_dict():
+    from models.avsr.avhubert import WeightNormConv1d
+
+    conv = torch.nn.Conv1d(32, 32, kernel_size=8, padding=4, groups=4)
+    normed = torch.nn.utils.weight_norm(conv, name="weight", dim=2)  # what fairseq's pos_conv used
+    ours = WeightNormConv1d(32, 8, 4)
+    ours.load_state_dict({k: v for k, v in normed.state_dict().items()})
+    x = torch.randn(2, 32, 11)
+    assert torch.allclose(ours(x), normed(x), atol=1e-6)
