@@ -38,9 +38,14 @@ def test_debug_smoke_swaps_av_hubert_for_a_tiny_one_and_keeps_resnet_elsewhere()
     assert isinstance(hydra.utils.instantiate(other.video_encoder)(), ResNet18VideoEncoder)
 
 
+FUSED = ["model.modality=video", "smoke_encoders.video=avhubert_audiovisual"]  # one AV-HuBERT, both streams
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("modality", ["video", "audio"])
-def test_reference_experiment_smoke_runs_on_an_lrs3_layout_corpus(tmp_path, modality):
+@pytest.mark.parametrize(
+    "modality, extra", [("video", []), ("audio", []), ("audiovisual", []), ("audiovisual", FUSED)]
+)
+def test_reference_experiment_smoke_runs_on_an_lrs3_layout_corpus(tmp_path, modality, extra):
     root = ensure_synthetic_corpus(
         tmp_path / "corpus", num_train=4, num_val=2, num_test=1, include_librivox=False, progress=False
     )
@@ -55,6 +60,7 @@ def test_reference_experiment_smoke_runs_on_an_lrs3_layout_corpus(tmp_path, moda
             "trainer.limit_val_batches=1",
             "model.generation.num_beams=2",
             "model.generation.max_new_tokens=4",
+            *extra,
         ],
         tmp_path / "run",
     )
