@@ -196,8 +196,12 @@ def test_pre_ln_layer_equals_torch_transformer_layer_with_the_same_weights():
     ).eval()
     attn = ours.self_attn
     with torch.no_grad():
-        torch_layer.self_attn.in_proj_weight.copy_(torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight]))
-        torch_layer.self_attn.in_proj_bias.copy_(torch.cat([attn.q_proj.bias, attn.k_proj.bias, attn.v_proj.bias]))
+        torch_layer.self_attn.in_proj_weight.copy_(
+            torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight])
+        )
+        torch_layer.self_attn.in_proj_bias.copy_(
+            torch.cat([attn.q_proj.bias, attn.k_proj.bias, attn.v_proj.bias])
+        )
         torch_layer.self_attn.out_proj.load_state_dict(attn.out_proj.state_dict())
         torch_layer.linear1.load_state_dict(ours.fc1.state_dict())
         torch_layer.linear2.load_state_dict(ours.fc2.state_dict())
