@@ -222,3 +222,23 @@ def test_positional_conv_weight_norm_matches_torch_weight_norm_state_dict():
     ours.load_state_dict({k: v for k, v in normed.state_dict().items()})
     x = torch.randn(2, 32, 11)
     assert torch.allclose(ours(x), normed(x), atol=1e-6)
+
+
+def test_output_layer_stops_early_and_bf16_runs():
+    video, lengths, _, _ = video_batch()
+    full = build_avhubert_encoder(size="tiny", seed=5).eval()
+    first = build_avhubert_encoder(size="tiny", seed=5, output_layer=1).eval()
+    valid = torch.arange(9)[None] < lengths[:, None]
+    want = full.model.encoder.layers[0](stem(full, video, valid), valid)
+    assert torch.allclose(first(video, lengths)[0][valid], want[valid], atol=1e-5)
+    assert not torch.allclose(first(video, lengths)[0], full(video, lengths)[0])
+    half = build_avhubert_encoder(size="tiny", dtype="bf16").eval()
+    assert half(video, lengths)[0].dtype == torch.bfloat16
+
+
+def stem(encoder, video, valid):
+    """Fused, projected features plus conv positions: the input of the first transformer layer."""
+    model = encoder.model
+    x = model.feature_extractor_video(video.transpose(1, 2) * valid[:, None, :, None, None])
+    x = model.post_extract_proj(model.layer_norm(torch.cat([torch.zeros_like(x), x], -1))) * valid[..., None]
+    return x + model.encoder.pos_conv(x.transpose(1, 2)).transpose(1, 2)
