@@ -36,6 +36,7 @@ class AVSRDataModule(L.LightningDataModule):
     max_frames: padded-frame budget per batch (video frames at 25 fps, also for audio-only).
     max_duration_s: longer clips are skipped ("too_long"); must fit the budget (25 * s <= max_frames).
     strict: a bad manifest row raises with its row number; otherwise it is skipped with a warning.
+    spm_model: SentencePiece model that decodes auto_avsr's token-id labels to text (null: labels are text).
     Augmentation (training only): random crop, video/audio time masks (window 0 disables), noise at an SNR
     from `noise_snr_db` with probability `noise_probability` (white noise, or excerpts of `noise_file`).
     eval_noise_snr_db: mix noise into val/test audio at this SNR (robustness evaluation); None for clean.
@@ -52,6 +53,7 @@ class AVSRDataModule(L.LightningDataModule):
         max_frames: int = 1800,
         num_workers: int = 2,
         strict: bool = True,
+        spm_model: str | None = None,
         max_duration_s: float = 24.0,
         crop_size: int = 88,
         video_time_mask_window: int = 10,
@@ -78,6 +80,7 @@ class AVSRDataModule(L.LightningDataModule):
         self.manifests = {"train": train_manifest, "val": val_manifest, "test": test_manifest}
         self.modality, self.max_frames, self.num_workers = modality, max_frames, num_workers
         self.strict, self.max_duration_s, self.crop_size = strict, max_duration_s, crop_size
+        self.spm_model = spm_model
         self.video_time_mask = (video_time_mask_window, video_time_mask_stride)
         self.audio_time_mask = (audio_time_mask_window, audio_time_mask_stride)
         self.noise_snr_db, self.noise_probability = list(noise_snr_db), noise_probability
@@ -115,7 +118,7 @@ class AVSRDataModule(L.LightningDataModule):
                 raise FileNotFoundError(
                     f"data.{split}_manifest: {path} does not exist (relative paths are under data.root)"
                 )
-            manifest = read_manifest(path, strict=self.strict)
+            manifest = read_manifest(path, strict=self.strict, spm_model=self.spm_model)
             self.bad_rows[split] = manifest.bad_rows
             video_transform, audio_transform = self._transforms(split)
             self.datasets[split] = AVSRDataset(

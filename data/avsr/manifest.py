@@ -4,16 +4,21 @@
 without its extension) and the wav shares its stem. Paths are relative to the data root; like auto_avsr,
 `root/dataset/rel_path` is also accepted. A header row with exactly the column names is allowed, and so
 are Llama-AVSR's five-column rows `dataset,rel_path,input_length,token_ids,text` (token ids ignored).
+auto_avsr's own label files hold SentencePiece ids instead of text (`...,input_length,341 21 3049`): with
+`spm_model` (config `data.spm_model`) they are decoded to text on reading; without it such a file is refused
+with a message naming that key.
 """
 
 import csv
 import logging
+import re
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path, PurePosixPath
 
 MANIFEST_COLUMNS = ("dataset", "rel_path", "input_length", "text")
 MEDIA_SUFFIXES = (".mp4", ".wav")
+TOKEN_IDS = re.compile(r"^\d+( \d+)*$")
 
 log = logging.getLogger(__name__)
 
@@ -59,20 +64,53 @@ def _parse_row(fields: list[str], row_number: int) -> ManifestRow:
     return ManifestRow(dataset, rel_path, int(input_length), text, row_number)
 
 
-def read_manifest(path: Path, strict: bool = True) -> Manifest:
+class TokenIdDecoder:
+    """SentencePiece ids ("341 21 3049") -> text with the user's model (auto_avsr: unigram5000.model)."""
+
+    def __init__(self, model_file: str | Path):
+        import sentencepiece
+
+        model_file = Path(model_file).expanduser()
+        if not model_file.exists():
+            raise FileNotFoundError(f"data.spm_model: {model_file} does not exist")
+        self.processor = sentencepiece.SentencePieceProcessor(model_file=str(model_file))
+
+    def __call__(self, ids: str) -> str:
+        if not TOKEN_IDS.match(ids):
+            raise ManifestError(
+                f"expected space-separated SentencePiece ids (data.spm_model is set), got {ids!r}"
+            )
+        values = [int(i) for i in ids.split()]
+        if max(values) >= self.processor.get_piece_size():
+            raise ManifestError(
+                f"token id {max(values)} is outside the SentencePiece vocabulary (data.spm_model)"
+            )
+        return self.processor.decode(values)
+
+
+def read_manifest(path: Path, strict: bool = True, spm_model: str | Path | None = None) -> Manifest:
     """Parse a manifest. Strict: the first bad row raises `ManifestError` naming it; else bad rows are
-    skipped, kept in `Manifest.bad_rows` and listed in one warning."""
+    skipped, kept in `Manifest.bad_rows` and listed in one warning. `spm_model`: decode token-id labels."""
+    decode = TokenIdDecoder(spm_model) if spm_model else None
     manifest = Manifest(Path(path), rows=[])
     with open(path, newline="", encoding="utf-8") as stream:
         for row_number, fields in enumerate(csv.reader(stream), start=1):
             if not fields or (row_number == 1 and tuple(fields) == MANIFEST_COLUMNS):
                 continue
             try:
-                manifest.rows.append(_parse_row(fields, row_number))
+                row = _parse_row(fields, row_number)
+                if decode is not None:
+                    row = replace(row, text=decode(row.text))
+                manifest.rows.append(row)
             except ManifestError as error:
                 if strict:
                     raise ManifestError(f"{path}: row {row_number}: {error}") from None
                 manifest.bad_rows.append((row_number, str(error)))
+    if decode is None and manifest.rows and all(TOKEN_IDS.match(row.text) for row in manifest.rows):
+        raise ManifestError(
+            f"{path}: every label is a list of token ids (auto_avsr's format): set data.spm_model=<the "
+            "SentencePiece model they were made with> to decode them to text"
+        )
     if manifest.bad_rows:
         listed = "; ".join(f"row {number}: {why}" for number, why in manifest.bad_rows[:20])
         log.warning("%s: skipped %d bad rows (%s)", path, len(manifest.bad_rows), listed)

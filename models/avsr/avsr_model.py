@@ -90,7 +90,11 @@ class AVSRModel(nn.Module):
         for name in self.modalities:
             if name not in batch or batch[name] is None:
                 raise KeyError(f"modality {self.modality!r} needs batch[{name!r}] (and {name}_lengths)")
-            features, lengths = self.encoders[name](batch[name], batch[f"{name}_lengths"])
+            encoder = self.encoders[name]
+            # an encoder fed by both streams (AV-HuBERT with modality audiovisual) also gets the audio
+            both = {"audio": batch.get("audio"), "audio_lengths": batch.get("audio_lengths")}
+            extra = both if getattr(encoder, "reads_audio_too", False) else {}
+            features, lengths = encoder(batch[name], batch[f"{name}_lengths"], **extra)
             tokens, lengths = self.projectors[name](features, lengths)
             out[name] = (tokens.to(self.dtype), lengths)
         return out
