@@ -15,7 +15,7 @@ asserts it on the written manifests. Each clip tries its own CANDIDATES sentence
 
 Audio is padded to whole video frames (640 samples), so `input_length` (25 fps frames) = samples / 640.
 Each clip depends only on (seed, split, index), so any number of build processes writes the same files.
-`text_root` (default `$UNSINK_DEB_ROOT` or /) prefixes the Debian text paths: packages unpacked with
+`text_root` (default `$UNSINK_DEB_ROOT`, else / or /tmp/debroot) prefixes the Debian text paths: packages unpacked with
 `dpkg -x` into a folder (studies/gpu_debs.sh) serve as well as installed ones, and give the same pool.
 
     python -m data.avsr.asr_corpus --out artifacts/data/asr_corpus --workers 16
@@ -40,20 +40,26 @@ from data.avsr.manifest import ManifestRow, read_manifest, write_manifest
 from data.avsr.media_io import AUDIO_SAMPLE_RATE, write_audio
 from data.avsr.speech_synth import SYNTHESIZERS, synthesizer_name
 from data.avsr.synthetic_corpus import MARKER, SPLITS, pad_to_video_frames
-from data.avsr.text_sources import DEVIL_DICT, FORTUNES_DIR, devil_dictionary_sentences, fortune_sentences
+from data.avsr.text_sources import (
+    DEVIL_DICT,
+    FORTUNES_DIR,
+    builtin_sentences,
+    devil_dictionary_sentences,
+    fortune_sentences,
+)
 
 FORMAT_VERSION = 1
 CANDIDATES = 2  # sentences a clip may try before keeping the shortest
 FLITE_VOICES = ("flite:slt", "flite:rms", "flite:awb", "flite:kal16")
-TEXT_SOURCES = ("fortunes", "devil")
+TEXT_SOURCES = ("fortunes", "devil", "builtin")  # builtin: the repo's 81 sentences (tests)
 
 
 @dataclass(frozen=True)
 class AsrCorpusParams:
     """Everything that determines the corpus; a marker with other values triggers a rebuild.
 
-    voices: "engine:voice" (engines: flite, espeak-ng; e.g. "espeak-ng:en-gb+m3").
-    sources: sentence sources pooled in this order: fortunes, devil.
+    voices: "engine:voice" (flite, espeak-ng, e.g. "espeak-ng:en-gb+m3"; builtin:low|mid|high for tests).
+    sources: sentence sources pooled in the given order (fortunes, devil; builtin for tests).
     """
 
     num_train: int = 6000
@@ -65,7 +71,7 @@ class AsrCorpusParams:
     min_seconds: float = 1.0
     max_seconds: float = 6.0
     voices: tuple[str, ...] = FLITE_VOICES
-    sources: tuple[str, ...] = TEXT_SOURCES
+    sources: tuple[str, ...] = ("fortunes", "devil")
     with_video: bool = False
 
     def __post_init__(self):  # lists from Hydra or argparse become tuples (hashable, marker-comparable)
@@ -73,9 +79,9 @@ class AsrCorpusParams:
         object.__setattr__(self, "sources", tuple(self.sources))
         for voice in self.voices:
             engine, _, name = voice.partition(":")
-            if engine not in ("flite", "espeak-ng") or not name:
+            if engine not in SYNTHESIZERS or not name:
                 raise ValueError(
-                    f"data.prepare.voices: {voice!r} is not 'flite:<voice>' or 'espeak-ng:<voice>'"
+                    f"data.prepare.voices: {voice!r} is not <engine>:<voice> ({list(SYNTHESIZERS)})"
                 )
         unknown = set(self.sources) - set(TEXT_SOURCES)
         if unknown or not self.sources:
@@ -96,7 +102,16 @@ class AsrClipJob:
 
 
 def default_text_root() -> str:
-    return os.environ.get("UNSINK_DEB_ROOT", "/")
+    """$UNSINK_DEB_ROOT if set; else / when the packages are installed; else /tmp/debroot where
+    studies/gpu_env.sh unpacks carried .debs."""
+    if "UNSINK_DEB_ROOT" in os.environ:
+        return os.environ["UNSINK_DEB_ROOT"]
+    unpacked = Path("/tmp/debroot")
+    return (
+        str(unpacked)
+        if not FORTUNES_DIR.is_dir() and (unpacked / FORTUNES_DIR.relative_to("/")).is_dir()
+        else "/"
+    )
 
 
 def sentence_pool(params: AsrCorpusParams, text_root: str | Path = "/") -> list[str]:
@@ -108,6 +123,9 @@ def sentence_pool(params: AsrCorpusParams, text_root: str | Path = "/") -> list[
     }
     sentences: list[str] = []
     for source in params.sources:
+        if source == "builtin":
+            sentences += builtin_sentences(params.min_words, params.max_words)
+            continue
         read, system_path = readers[source]
         path = root / system_path.relative_to("/")
         if not path.exists():
@@ -197,8 +215,8 @@ def _build_into(folder: Path, params: AsrCorpusParams, workers: int, text_root: 
         synthesizer_name(voice.partition(":")[0])  # raises early when an engine is not installed
     sentences = sentence_pool(params, text_root)
     jobs = plan_jobs(folder, params, sentences)
-    pool = ProcessPoolExecutor(workers, initializer=_init_worker) if workers > 1 else nullcontext()
-    with pool:
+    pool_or_none = ProcessPoolExecutor(workers, initializer=_init_worker) if workers > 1 else nullcontext()
+    with pool_or_none as pool:
         built = list(pool.map(build_clip, jobs, chunksize=8) if pool else map(build_clip, jobs))
     rows = {split: [row for job, row in zip(jobs, built) if job.split == split] for split in SPLITS}
     check_split_by_sentence(rows)
