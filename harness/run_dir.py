@@ -7,6 +7,8 @@ from datetime import datetime
 
 from omegaconf import OmegaConf
 
+from harness.gpu_resolver import if_gpu
+
 
 def run_key() -> str:
     """`slurm-<job id>[_<array task>]` under Slurm, else a microsecond timestamp (cached per process).
@@ -28,6 +30,8 @@ _TIMESTAMP: str | None = None
 
 
 def register_resolvers() -> None:
-    """`${run_key:}` in configs; idempotent."""
+    """`${run_key:}` and `${if_gpu:...}` (harness/gpu_resolver.py) in configs; idempotent."""
     if not OmegaConf.has_resolver("run_key"):
         OmegaConf.register_new_resolver("run_key", run_key, use_cache=True)
+    if not OmegaConf.has_resolver("if_gpu"):
+        OmegaConf.register_new_resolver("if_gpu", if_gpu)
