@@ -17,7 +17,6 @@ VIDEO_FPS = 25
 SAMPLES_PER_VIDEO_FRAME = AUDIO_SAMPLE_RATE // VIDEO_FPS  # 640 samples = 40 ms
 
 
-
 def _cv2():
     """OpenCV, imported on first video use."""
     import cv2
