@@ -70,6 +70,7 @@ def test_built_corpus_is_split_by_sentence_and_audio_only(corpus):
     marker = json.loads((corpus / MARKER).read_text())
     assert marker["params"]["voices"] == VOICES and marker["sentence_pool"]["size"] > 50
     assert not list(corpus.rglob("*.mp4"))
+    assert all(text == text.lower() for split in texts.values() for text in split)
     for split in ("train", "test"):
         for row in read_manifest(corpus / "labels" / f"{split}.csv").rows:
             audio = read_audio(resolve_clip_paths(corpus, row).audio)

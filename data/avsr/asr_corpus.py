@@ -11,12 +11,14 @@ Sentences are real public-domain / BSD text (Debian `fortunes`, `dict-devil`), p
 shuffled by `seed`, then cut into three disjoint pools: test takes the first `num_test * CANDIDATES`
 sentences, val the next, train the rest. So no test or val sentence can occur in training; the build
 asserts it on the written manifests. Each clip tries its own CANDIDATES sentences in order until one fits
-`max_seconds`. Voices are dealt round-robin, so every voice speaks in every split.
+`max_seconds`. Voices are dealt round-robin, so every voice speaks in every split. Transcripts are
+lowercased unless `lowercase=False`: SmolLM2 reads "the cat sat" in about half the tokens of "THE CAT SAT",
+as text it saw in pretraining, and WER ignores case.
 
 Audio is padded to whole video frames (640 samples), so `input_length` (25 fps frames) = samples / 640.
 Each clip depends only on (seed, split, index), so any number of build processes writes the same files.
-`text_root` (default `$UNSINK_DEB_ROOT`, else / or /tmp/debroot) prefixes the Debian text paths: packages unpacked with
-`dpkg -x` into a folder (studies/gpu_debs.sh) serve as well as installed ones, and give the same pool.
+`text_root` (default `$UNSINK_DEB_ROOT`, else / or /tmp/debroot) prefixes the Debian text paths: packages
+unpacked with `dpkg -x` into a folder (studies/gpu_debs.sh) serve as well as installed ones: same pool.
 
     python -m data.avsr.asr_corpus --out artifacts/data/asr_corpus --workers 16
 """
@@ -73,6 +75,7 @@ class AsrCorpusParams:
     voices: tuple[str, ...] = FLITE_VOICES
     sources: tuple[str, ...] = ("fortunes", "devil")
     with_video: bool = False
+    lowercase: bool = True  # transcripts as the LLM read them in pretraining (WER is case-blind)
 
     def __post_init__(self):  # lists from Hydra or argparse become tuples (hashable, marker-comparable)
         object.__setattr__(self, "voices", tuple(self.voices))
@@ -99,6 +102,7 @@ class AsrClipJob:
     min_seconds: float
     max_seconds: float
     with_video: bool
+    lowercase: bool
 
 
 def default_text_root() -> str:
@@ -166,7 +170,7 @@ def plan_jobs(out: Path, params: AsrCorpusParams, sentences: list[str]) -> list[
             voice = params.voices[index % len(params.voices)]
             jobs.append(
                 AsrClipJob(str(out), split, index, picks, voice, params.seed, params.min_seconds,
-                           params.max_seconds, params.with_video)
+                           params.max_seconds, params.with_video, params.lowercase)
             )  # fmt: skip
     return jobs
 
@@ -185,6 +189,7 @@ def build_clip(job: AsrClipJob) -> ManifestRow:
     else:  # no candidate fits: keep the shortest
         text, speech = min(too_long, key=lambda item: len(item[1]))
     speech = pad_to_video_frames(speech, lead_s, job.min_seconds)
+    text = text.lower() if job.lowercase else text
     stem = f"asr/{job.split}/{voice.replace('+', '_')}/{job.index:05d}"
     if job.with_video:
         from data.avsr.synthetic_corpus import write_clip  # OpenCV only when video is asked for
