@@ -256,57 +256,88 @@ def claims(rows: list[dict], rates: list[int]) -> list[str]:
     return lines or ["- No finished arm pairs yet."]
 
 
-def sink_summary(sinks: dict) -> dict:
-    """Intermediate-sink numbers of one sinks.json: per layer (all tokens, audio tokens) and audio sinks."""
-    layers = sinks.get("layers", [])
-    available = any(any(k in layer for k in SINK_FIELDS) for layer in layers)
-    per_layer = []
+def _layer_mean(layers: list[dict], key: str, segment: str | None = None) -> float | None:
+    """Mean over layers of a per-layer number (of one segment's tokens when given); None if absent."""
+    values = []
     for layer in layers:
-        audio = (layer.get("by_segment") or {}).get("audio", {})
-        per_layer.append(
-            {
-                "layer": layer.get("layer"),
-                **{k: layer.get(k) for k in SINK_FIELDS},
-                **{f"audio_{k}": audio.get(k) for k in SINK_FIELDS},
-                "audio_bos_cosine": audio.get("bos_cosine"),
-                "audio_first_token_attention": audio.get("first_token_attention"),
-            }
-        )
+        source = (layer.get("by_segment") or {}).get(segment, {}) if segment else layer
+        value = source.get(key)
+        if isinstance(value, (int, float)) and not math.isnan(value):
+            values.append(float(value))
+    return statistics.fmean(values) if values else None
+
+
+def sink_summary(sinks: dict) -> dict:
+    """Intermediate-sink numbers of one sinks.json: layer means (all tokens, audio tokens), flagged tokens."""
+    layers = sinks.get("layers", [])
     flagged = sinks.get("intermediate_sinks", [])
+    audio_layers = {layer for s in flagged if s.get("segment") == "audio" for layer in s.get("layers", [])}
     return {
-        "available": available,
-        "layers": per_layer,
+        "available": any(any(k in layer for k in SINK_FIELDS) for layer in layers),
+        "layers": layers,
+        "count": _layer_mean(layers, "intermediate_sink_count"),
+        "attention": _layer_mean(layers, "intermediate_sink_attention"),
+        "audio_count": _layer_mean(layers, "intermediate_sink_count", "audio"),
+        "audio_attention": _layer_mean(layers, "intermediate_sink_attention", "audio"),
+        "audio_bos_cosine": _layer_mean(layers, "bos_cosine", "audio"),
+        "tracked_attention": _layer_mean(layers, "tracked_sink_attention"),
         "flagged_total": len(flagged),
         "flagged_audio": sum(1 for s in flagged if s.get("segment") == "audio"),
-        "flagged_audio_layers": sorted(
-            {layer for s in flagged if s.get("segment") == "audio" for layer in s.get("layers", [])}
-        ),
+        "flagged_audio_layers": sorted(audio_layers),
     }
 
 
+def _read_json(path: Path) -> dict | None:
+    return json.loads(path.read_text()) if path.exists() else None
+
+
 def sink_section(study_dir: Path, specs: list[ArmSpec]) -> list[str]:
-    rate = max(s.rate for s in specs)
-    lines = [f"## Intermediate sinks among audio tokens (x{rate} baseline, after training)", ""]
-    found = False
+    """Intermediate sinks of every arm (layer means), then the x32 (highest-rate) baseline layer by layer."""
+    lines = [
+        "## Intermediate sinks (probe batch: val clips, teacher-forced; means over layers, after training)",
+        "",
+        "| arm | flagged tokens (audio) | sinks/seq | attention to them | audio sinks/seq | "
+        "audio sinks' attention | audio BOS cosine | attention to step-0 sinks |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    summaries = {}
     for spec in specs:
-        if spec.rate != rate or spec.decorr:
+        sinks = _read_json(arm_dir(study_dir, Arm(spec.name)) / "sinks.json")
+        if sinks is None:
             continue
-        path = arm_dir(study_dir, Arm(spec.name)) / "sinks.json"
-        if not path.exists():
-            continue
-        found = True
-        summary = sink_summary(json.loads(path.read_text()))
+        m = summaries[spec.name] = sink_summary(sinks)
         lines.append(
-            f"**{spec.name}**: {summary['flagged_total']} tokens flagged as intermediate sinks on the probe batch "
-            f"(cosine to BOS and received attention above the thresholds), {summary['flagged_audio']} of them "
-            f"audio tokens (layers {summary['flagged_audio_layers'] or '-'})."
+            f"| {spec.name} | {m['flagged_total']} ({m['flagged_audio']}) | {_fmt(m['count'], digits=2)} | "
+            f"{_fmt(m['attention'])} | {_fmt(m['audio_count'], digits=2)} | {_fmt(m['audio_attention'])} | "
+            f"{_fmt(m['audio_bos_cosine'])} | {_fmt(m['tracked_attention'])} |"
         )
-        if not summary["available"]:
-            lines += [
-                "",
-                "Per-layer `intermediate_sink_*` metrics: not available (this sinks.json has none).",
-                "",
-            ]
+    if not summaries:
+        return [*lines[:2], "not available (no finished arm with a sinks.json)"]
+    if not any(m["available"] for m in summaries.values()):
+        lines += [
+            "",
+            "Per-layer `intermediate_sink_*` metrics: not available (these sinks.json files have none).",
+        ]
+    rate = max(s.rate for s in specs)
+    for spec in specs:
+        if spec.rate != rate or spec.decorr or spec.name not in summaries:
+            continue
+        m = summaries[spec.name]
+        lines += [
+            "",
+            f"### {spec.name}: does the x{rate} baseline show intermediate sinks among its audio tokens?",
+            "",
+            f"After training, {m['flagged_total']} probe tokens pass both thresholds (cosine to BOS, received "
+            f"attention) in some layer; {m['flagged_audio']} of them are audio tokens (layers "
+            f"{m['flagged_audio_layers'] or '-'}).",
+        ]
+        first = _read_json(arm_dir(study_dir, Arm(spec.name)) / "sinks" / "step_000000.json")
+        if first is not None:
+            f = sink_summary(first)
+            lines.append(
+                f"At step 0: {f['flagged_total']} flagged, {f['flagged_audio']} of them audio tokens."
+            )
+        if not m["available"]:
             continue
         lines += [
             "",
@@ -314,19 +345,17 @@ def sink_section(study_dir: Path, specs: list[ArmSpec]) -> list[str]:
             "audio attention | audio BOS cosine |",
             "|---|---|---|---|---|---|---|---|---|",
         ]
-        for row in summary["layers"]:
+        for layer in m["layers"]:
+            audio = (layer.get("by_segment") or {}).get("audio", {})
             lines.append(
-                f"| {row['layer']} | {_fmt(row['intermediate_sink_count'], digits=2)} | "
-                f"{_fmt(row['intermediate_sink_attention'])} | {_fmt(row['intermediate_sink_bos_cosine'])} | "
-                f"{_fmt(row['intermediate_sink_max_activation'], digits=1)} | "
-                f"{_fmt(row['intermediate_sink_activation_ratio'], digits=1)} | "
-                f"{_fmt(row['audio_intermediate_sink_count'], digits=2)} | "
-                f"{_fmt(row['audio_intermediate_sink_attention'])} | "
-                f"{_fmt(row['audio_intermediate_sink_bos_cosine'])} |"
+                f"| {layer.get('layer')} | {_fmt(layer.get('intermediate_sink_count'), digits=2)} | "
+                f"{_fmt(layer.get('intermediate_sink_attention'))} | "
+                f"{_fmt(layer.get('intermediate_sink_bos_cosine'))} | "
+                f"{_fmt(layer.get('intermediate_sink_max_activation'), digits=1)} | "
+                f"{_fmt(layer.get('intermediate_sink_activation_ratio'), digits=1)} | "
+                f"{_fmt(audio.get('intermediate_sink_count'), digits=2)} | "
+                f"{_fmt(audio.get('intermediate_sink_attention'))} | {_fmt(audio.get('intermediate_sink_bos_cosine'))} |"
             )
-        lines.append("")
-    if not found:
-        lines.append(f"not available (no finished x{rate} baseline arm with a sinks.json)")
     return lines
 
 

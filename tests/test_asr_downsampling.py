@@ -62,8 +62,12 @@ def test_report_checks_the_claims_and_reads_sinks(tmp_path):
     assert "x4 baseline test WER 12.0% (goal <= 15%): met" in report
     assert "x32: test WER 40.0% baseline vs 45.0% with the loss (+5.0 points" in report
     assert "NOT as claimed" in report and "x4: test WER 12.0% baseline vs 11.0%" in report
-    assert "2 tokens flagged" in report and "1 of them audio tokens (layers [2, 3])" in report
-    assert "| 3 | 0.50 | 0.500 |" in report and "| 1.50 |" in report
+    assert (
+        "2 probe tokens pass both thresholds" in report
+        and "1 of them are audio tokens (layers [2, 3])" in report
+    )
+    assert "| x32_base_s0 | 2 (1) | 0.50 | 0.500 | 1.50 |" in report  # layer means, audio split
+    assert "| 3 | 0.50 | 0.500 | 0.500 | 0.5 | 0.5 | 1.50 |" in report  # the per-layer table
     assert (tmp_path / "test_wer_by_rate.png").stat().st_size > 0 and (
         tmp_path / "val_wer_curves.png"
     ).exists()
@@ -77,6 +81,7 @@ def test_report_says_when_sink_metrics_are_missing(tmp_path):
         _fake_arm(tmp_path, spec, 0.5, {"layers": [{"layer": 0}], "intermediate_sinks": []})
     report = study.write_report(tmp_path, specs, args, failures=["arms failed: ['x']"]).read_text()
     assert "`intermediate_sink_*` metrics: not available" in report and "arms failed" in report
+    assert "| x32_base_s0 | 0 (0) | - | - | - |" in report
 
 
 @pytest.mark.slow
