@@ -60,7 +60,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", default="artifacts/studies/asr_downsampling", help="study folder (arms + report)")
     p.add_argument("--rates", type=int, nargs="+", default=[4, 32], help="audio pooling rates")
     p.add_argument("--x16", action="store_true", help="add rate 16")
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    p.add_argument("--seeds", type=int, nargs="+", default=None, help="default 0 1 (--smoke: 0)")
     p.add_argument("--only", nargs="+", default=None, help="run only these arms (e.g. x4_base_s0)")
     p.add_argument("--steps", type=int, default=None, help="trainer.max_steps (experiment: 1500)")
     p.add_argument("--lr", type=float, default=None, help="optimizer.lr (experiment: 1e-3)")
@@ -85,7 +85,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--override", action="append", default=[], help="extra Hydra override for every arm")
     p.add_argument("--report-only", action="store_true", help="write the report from finished arms")
     p.add_argument("--smoke", action="store_true", help="tiny models, tiny corpus, CPU, a few steps")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    args.seeds = args.seeds or ([0] if args.smoke else [0, 1])
+    return args
 
 
 def arm_specs(args: argparse.Namespace) -> list[ArmSpec]:
@@ -173,6 +175,8 @@ def run_study(arms: list[Arm], study_dir: Path, args: argparse.Namespace) -> lis
     gpus = [] if args.smoke else visible_gpus()
     lanes = [[g] for g in gpus for _ in range(max(1, args.arms_per_gpu))] or [None]
     shares = [arms[i :: len(lanes)] for i in range(len(lanes))]
+    if gpus:  # arms sharing the machine split its cores instead of each taking all of them
+        os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // len(lanes))))
     failures: list[str] = []
 
     def lane(share: list[Arm], slot: list[str] | None) -> None:
