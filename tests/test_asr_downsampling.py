@@ -94,7 +94,7 @@ def test_smoke_mode_runs_every_arm_end_to_end(tmp_path):
     rows = json.loads((tmp_path / "results.json").read_text())
     assert sorted(r["arm"] for r in rows) == ["x32_base_s0", "x32_decorr_s0", "x4_base_s0", "x4_decorr_s0"]
     assert all(r["test_wer"] is not None and r["val_wer"] is not None for r in rows)
-    assert "## Intermediate sinks among audio tokens (x32 baseline" in report
+    assert "### x32_base_s0: does the x32 baseline show intermediate sinks among its audio tokens?" in report
     assert (tmp_path / "x32_base_s0" / "sinks.json").exists()
 
 
