@@ -7,6 +7,8 @@ from datetime import datetime
 
 from omegaconf import OmegaConf
 
+from harness.gpu_resolver import gpu_if_available, if_gpu
+
 
 def run_key() -> str:
     """`slurm-<job id>[_<array task>]` under Slurm, else a microsecond timestamp (cached per process).
@@ -28,6 +30,9 @@ _TIMESTAMP: str | None = None
 
 
 def register_resolvers() -> None:
-    """`${run_key:}` in configs; idempotent."""
+    """`${run_key:}`, `${if_gpu:...}` and `${gpu_if_available:}` (harness/gpu_resolver.py); idempotent."""
     if not OmegaConf.has_resolver("run_key"):
         OmegaConf.register_new_resolver("run_key", run_key, use_cache=True)
+    if not OmegaConf.has_resolver("if_gpu"):
+        OmegaConf.register_new_resolver("if_gpu", if_gpu)
+        OmegaConf.register_new_resolver("gpu_if_available", gpu_if_available)

@@ -2,11 +2,11 @@
 
 torchaudio 2.9+ has no file I/O, so audio goes through `soundfile`; video through `cv2`, which needs no
 FFmpeg Python bindings. Decoding failures raise `MediaError` so the dataset can count the clip corrupt.
+OpenCV is imported on first video use, so audio-only runs (ASR) work where it is not installed.
 """
 
 from pathlib import Path
 
-import cv2
 import numpy as np
 import soundfile
 import torch
@@ -16,7 +16,13 @@ AUDIO_SAMPLE_RATE = 16_000
 VIDEO_FPS = 25
 SAMPLES_PER_VIDEO_FRAME = AUDIO_SAMPLE_RATE // VIDEO_FPS  # 640 samples = 40 ms
 
-cv2.setNumThreads(1)  # DataLoader workers already parallelise; OpenCV's own pool oversubscribes cores
+
+def _cv2():
+    """OpenCV, imported on first video use."""
+    import cv2
+
+    cv2.setNumThreads(1)  # DataLoader workers already parallelise; OpenCV's own pool oversubscribes cores
+    return cv2
 
 
 class MediaError(RuntimeError):
@@ -37,6 +43,7 @@ def read_audio(path: Path) -> torch.Tensor:
 
 def read_video(path: Path) -> torch.Tensor:
     """Frames as uint8 [T, 3, H, W] RGB (T may be 0 for a container without frames)."""
+    cv2 = _cv2()
     capture = cv2.VideoCapture(str(path))
     if not capture.isOpened():
         raise MediaError(f"cannot open video {path}")
@@ -66,6 +73,7 @@ def write_video(path: Path, frames: np.ndarray, fps: int = VIDEO_FPS) -> None:
         frames = np.repeat(frames[..., None], 3, axis=3)
     path.parent.mkdir(parents=True, exist_ok=True)
     height, width = frames.shape[1:3]
+    cv2 = _cv2()
     writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), fps, (width, height), True)
     if not writer.isOpened():
         raise MediaError(f"cannot open video writer for {path}")

@@ -1,0 +1,44 @@
+"""`${if_gpu:...}`: the demo command keeps its CPU numbers on CPU and scales up where a GPU runs it."""
+
+import pytest
+import torch
+
+from harness.gpu_resolver import gpu_if_available, if_gpu
+from tests.hydra_utils import compose_train
+
+
+def _demo(*overrides: str) -> dict:
+    cfg = compose_train(["experiment=avsr_decorr", *overrides])
+    return {
+        "trainer.accelerator": cfg.trainer.accelerator,
+        "trainer.max_steps": cfg.trainer.max_steps,
+        "trainer.precision": cfg.trainer.precision,
+        "data.max_frames": cfg.data.max_frames,
+        "data.prepare.num_train": cfg.data.prepare.num_train,
+        "scheduler.warmup_steps": cfg.scheduler.warmup_steps,
+    }
+
+
+def test_if_gpu_follows_the_accelerator(monkeypatch):
+    assert if_gpu("gpu", "big", "small") == "big" and if_gpu("cuda", 1, 0) == 1
+    assert if_gpu("cpu", "big", "small") == "small"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert if_gpu("auto", "big", "small") == "big"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert if_gpu("auto", "big", "small") == "small" and gpu_if_available() == "cpu"
+
+
+@pytest.mark.parametrize("cuda", [False, True])
+def test_demo_keeps_cpu_numbers_and_scales_up_on_a_gpu(cuda, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    demo = _demo()
+    cpu = {"trainer.max_steps": 80, "trainer.precision": "32-true", "data.max_frames": 400,
+           "data.prepare.num_train": 200, "scheduler.warmup_steps": 5, "trainer.accelerator": "cpu"}  # fmt: skip
+    if not cuda:
+        assert demo == cpu
+    else:
+        assert demo["trainer.precision"] == "bf16-mixed" and demo["trainer.accelerator"] == "gpu"
+        assert all(
+            demo[key] > cpu[key] for key in cpu if key not in ("trainer.precision", "trainer.accelerator")
+        )
+        assert _demo("trainer.accelerator=cpu") == cpu  # forcing the CPU gives the CPU demo back
