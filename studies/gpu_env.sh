@@ -37,7 +37,7 @@ if [ -d .debs ] && [ ! -f /tmp/debroot/.done ]; then
   mkdir -p /tmp/debroot && for f in .debs/*.deb; do dpkg -x "$f" /tmp/debroot; done && touch /tmp/debroot/.done
 fi
 if [ -d /tmp/debroot/usr/bin ]; then
-  export PATH=/tmp/debroot/usr/bin:$PATH
+  export PATH=/tmp/debroot/usr/bin:$PATH UNSINK_DEB_ROOT=/tmp/debroot
   export LD_LIBRARY_PATH=/tmp/debroot/usr/lib/x86_64-linux-gnu:/tmp/debroot/usr/lib:${LD_LIBRARY_PATH:-}
   echo "[gpu_env] debs: $(ls /tmp/debroot/usr/bin | tr '\n' ' ')"
 fi
