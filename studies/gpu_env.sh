@@ -33,11 +33,10 @@ for name in "${!UNSINK_STAGE_SHA[@]}"; do
   fi
   echo "[gpu_env] $name: $([ -f /tmp/stage/$name.installed ] && echo installed || echo "parts: $(ls /tmp/stage/$name | tr '\n' ' ')")"
 done
-if [ -d .debs ] && [ ! -f /tmp/debroot/.done ]; then
-  mkdir -p /tmp/debroot && for f in .debs/*.deb; do dpkg -x "$f" /tmp/debroot; done && touch /tmp/debroot/.done
-fi
-if [ -d /tmp/debroot/usr/bin ]; then
-  export PATH=/tmp/debroot/usr/bin:$PATH UNSINK_DEB_ROOT=/tmp/debroot
-  export LD_LIBRARY_PATH=/tmp/debroot/usr/lib/x86_64-linux-gnu:/tmp/debroot/usr/lib:${LD_LIBRARY_PATH:-}
-  echo "[gpu_env] debs: $(ls /tmp/debroot/usr/bin | tr '\n' ' ')"
+if [ -d .debs ]; then
+  export UNSINK_DEB_ROOT=/tmp/debroot
+  [ -f /tmp/debroot/.done ] || { source studies/gpu_debs.sh --unpack && touch /tmp/debroot/.done; }
+  export PATH="/tmp/debroot/usr/bin:/tmp/debroot/usr/games:$PATH"
+  export LD_LIBRARY_PATH="/tmp/debroot/usr/lib/x86_64-linux-gnu:/tmp/debroot/lib/x86_64-linux-gnu${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+  echo "[gpu_env] flite: $(command -v flite || echo missing)"
 fi
