@@ -177,6 +177,24 @@ def edit_implementation_name(base_name: str) -> str:
     return name
 
 
+@contextlib.contextmanager
+def edit_kernel(model: torch.nn.Module) -> Iterator[None]:
+    """Run the model through the editing wrapper of its kernel (kept under a query/key capture), restoring the
+    original name at exit. Nested uses switch once (switching costs about a second: calibration loops)."""
+    original = model.config._attn_implementation or "sdpa"
+    if EDIT_PREFIX in original:
+        yield
+        return
+    captured = original.startswith(CAPTURE_PREFIX)
+    base = original[len(CAPTURE_PREFIX) :] if captured else original
+    wanted = edit_implementation_name(base)
+    model.set_attn_implementation(capture_implementation_name(wanted) if captured else wanted)
+    try:
+        yield
+    finally:
+        model.set_attn_implementation(original)
+
+
 # ---- configurable edits ---------------------------------------------------------------------------
 def read_heads(heads: Mapping | None, heads_file: str | None) -> dict | None:
     """{layer: [head, ...]} or {layer: {head: value}} from the config, or from a calibration JSON file."""
@@ -225,23 +243,18 @@ class AttentionEdit:
                 raise ValueError(f"attention_edit.heads: layers {unknown} do not exist (0..{max(modules)})")
         num_heads = model.config.num_attention_heads
         edits = {}
-        for layer, module in modules.items():
-            edit = self.layer_edit(layer, num_heads)
-            if edit is not None:
-                setattr(module, PROBABILITY_EDIT_ATTR, edit)
-                edits[layer] = edit
-        original = model.config._attn_implementation or "sdpa"
-        captured = original.startswith(CAPTURE_PREFIX)
-        base = original[len(CAPTURE_PREFIX) :] if captured else original
-        wanted = edit_implementation_name(base)
-        model.set_attn_implementation(capture_implementation_name(wanted) if captured else wanted)
-        try:
-            yield edits
-        finally:
-            for module in modules.values():
-                if hasattr(module, PROBABILITY_EDIT_ATTR):
-                    delattr(module, PROBABILITY_EDIT_ATTR)
-            model.set_attn_implementation(original)
+        with edit_kernel(model):
+            for layer, module in modules.items():
+                edit = self.layer_edit(layer, num_heads)
+                if edit is not None:
+                    setattr(module, PROBABILITY_EDIT_ATTR, edit)
+                    edits[layer] = edit
+            try:
+                yield edits
+            finally:
+                for module in modules.values():
+                    if hasattr(module, PROBABILITY_EDIT_ATTR):
+                        delattr(module, PROBABILITY_EDIT_ATTR)
 
 
 class ACT(AttentionEdit):

@@ -122,3 +122,72 @@ def test_generation_runs_with_an_edit_and_heads_are_checked(model_and_batch, tin
     with pytest.raises(ValueError, match="layers \\[7\\] do not exist"):
         with ACT(heads={7: [0]}).applied(model):
             pass
+
+
+def test_analyze_and_calibration_commands_take_the_edit(tmp_path):
+    import json
+
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    import analyze
+    import calibrate_attention_edit
+    from tests.hydra_utils import REPO
+
+    def config(name, *overrides):
+        GlobalHydra.instance().clear()
+        with initialize_config_dir(version_base="1.3", config_dir=str(REPO / "conf")):
+            return compose(name, overrides=list(overrides))
+
+    texts = tmp_path / "texts.txt"
+    texts.write_text("The cat sat on the mat.\nA long time ago, in a town far away.\nRain again.\n")
+    heads_file = tmp_path / "zt.json"
+    calibrate_attention_edit.calibrate(
+        config(
+            "calibrate_attention_edit",
+            "backbone=tiny_llama",
+            "attention_edit=zerotuning",
+            "attention_edit.factor=0.25",
+            f"texts={texts}",
+            "max_heads=3",
+            f"output={heads_file}",
+        )
+    )
+    heads = json.loads(heads_file.read_text())["heads"]
+    assert sum(len(v) for v in heads.values()) == 3 and all(
+        f == 0.25 for v in heads.values() for f in v.values()
+    )
+    common = ["backbone=tiny_llama", f"texts={texts}"]
+    base = analyze.analyze(config("analyze", *common, f"output_dir={tmp_path / 'base'}"))
+    edited = analyze.analyze(
+        config(
+            "analyze",
+            *common,
+            f"output_dir={tmp_path / 'edited'}",
+            "attention_edit=zerotuning",
+            f"attention_edit.heads_file={heads_file}",
+        )
+    )
+    assert edited["model"].endswith("+ zerotuning")
+    for layer in map(int, heads):
+        before = base["layers"][layer]["first_token_attention_per_head"]
+        after = edited["layers"][layer]["first_token_attention_per_head"]
+        for head in map(int, heads[str(layer)]):
+            assert after[head] < before[head]  # factor 0.25 on the first token
+
+
+def test_loss_calibration_keeps_the_heads_whose_edit_helps(model_and_batch):
+    from models.attention_edit_calibration import calibrate_heads, mean_token_nll
+
+    model, batch = model_and_batch
+    found = calibrate_heads(
+        model, batch, ZeroTuning(), layers=[1], factors=[0.5, 2.0], max_heads=2, min_gain=0.0
+    )
+    assert found["criterion"] == "loss" and len(found["gains"]) == model.config.num_attention_heads
+    gains = [g[3] for g in found["gains"]]
+    assert gains == sorted(gains, reverse=True)
+    kept = [(layer, head) for layer, heads in found["heads"].items() for head in heads]
+    assert len(kept) == min(2, sum(g > 0 for g in gains))
+    if kept:
+        with ZeroTuning(heads={int(k): v for k, v in found["heads"].items()}).applied(model):
+            assert mean_token_nll(model, batch) < found["baseline_nll"]

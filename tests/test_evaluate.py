@@ -130,3 +130,27 @@ def test_two_gloo_processes_match_one_process(trained_run, tmp_path):
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert json.loads((ddp / "results.json").read_text()) == json.loads((single / "results.json").read_text())
     assert (ddp / "hypotheses.jsonl").read_text() == (single / "hypotheses.jsonl").read_text()
+
+
+def test_attention_edit_is_an_evaluation_option(trained_run, tmp_path, monkeypatch):
+    from models import attention_edit
+
+    calls = []
+    original = attention_edit.ZeroTuningLayer.__call__
+    monkeypatch.setattr(
+        attention_edit.ZeroTuningLayer, "__call__", lambda self, *a: calls.append(1) or original(self, *a)
+    )
+    overrides = [f"run={trained_run}", "noise.kinds=[]", "inputs=[audiovisual]", "data.num_workers=0"]
+    results = evaluate(
+        compose_evaluate(
+            [
+                *overrides,
+                f"output_dir={tmp_path}",
+                "attention_edit=zerotuning",
+                "attention_edit.heads={0: [1]}",
+            ]
+        )
+    )
+    assert [r["condition"] for r in results] == ["clean"]
+    assert "attention edit zerotuning" in (tmp_path / "results.md").read_text()
+    assert calls  # layer 0 computed its edited probabilities while decoding
