@@ -147,10 +147,11 @@ def main(argv=None) -> dict:
         out = Path(args.out)
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(markdown + "\n")
-        payload = {
-            "results": results,
-            "calibration": {k: {**v, "gains": v["gains"][:20]} for k, v in calibrations.items()},
+        short = {  # the 20 best-scoring heads of each calibration
+            name: {key: value[:20] if key in ("gains", "scores") else value for key, value in found.items()}
+            for name, found in calibrations.items()
         }
+        payload = {"args": vars(args), "results": results, "calibration": short}
         out.with_suffix(".json").write_text(json.dumps(payload, indent=1) + "\n")
     return results
 
