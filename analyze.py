@@ -2,12 +2,14 @@
 
     python analyze.py backbone=smollm2_135m texts=my_texts.txt output_dir=analysis/smollm2
     python analyze.py run=outputs/train/<run folder> output_dir=analysis/my_run
+    python analyze.py attention_edit=act attention_edit.heads_file=calibration/act.json   # training-free edit
 
 Metric definitions and the sinks.json schema: docs/diagnostics.md.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from pathlib import Path
 
@@ -98,19 +100,23 @@ def analyze(cfg: DictConfig) -> dict:
     model.to(pick_device(cfg.device))
     batch = tokenizer(texts, return_tensors="pt", padding=True, truncation=True, max_length=cfg.max_length)
     batch = {key: value.to(model.device) for key, value in batch.items()}
-    report = measure_sinks(
-        model,
-        batch,
-        None,
-        tokenizer=tokenizer,
-        layers=cfg.layers,
-        sink_eps=cfg.sink_eps,
-        sink_key_position=cfg.sink_key_position,
-        chunk_size=cfg.chunk_size,
-        intermediate_cosine_threshold=cfg.intermediate_cosine_threshold,
-        intermediate_attention_threshold=cfg.intermediate_attention_threshold,
-    )
+    edit = instantiate(cfg.attention_edit) if cfg.get("attention_edit") else None
+    with edit.applied(model) if edit is not None else contextlib.nullcontext():
+        report = measure_sinks(
+            model,
+            batch,
+            None,
+            tokenizer=tokenizer,
+            layers=cfg.layers,
+            sink_eps=cfg.sink_eps,
+            sink_key_position=cfg.sink_key_position,
+            chunk_size=cfg.chunk_size,
+            intermediate_cosine_threshold=cfg.intermediate_cosine_threshold,
+            intermediate_attention_threshold=cfg.intermediate_attention_threshold,
+        )
     out_dir = Path(to_absolute_path(cfg.output_dir))
+    if edit is not None:
+        name = f"{name} + {edit.name}"
     sinks = report.to_json(model=name, num_texts=len(texts))
     write_sinks_json(out_dir / "sinks.json", sinks)
     plots = write_sink_plots(report, out_dir, title=name)

@@ -16,6 +16,8 @@ For every {prompt, response} row (OBJECTIVES.md §4):
    whitespace/newline token; contiguous runs form spans;
 3. write the original row, then one row per span with that span's characters removed from the prompt
    (`"counterfactual": true`, `"source_index"`, `"pruned_text"`).
+Response level (`--level response --step-marker '\n+'`): the same per reasoning step, on the instruction plus
+the response prefix, predicting the next step (data/leaf/response_level.py).
 Stage 2 trains on the output: `python train.py experiment=lm_leaf data.train_file=<out>`.
 """
 
@@ -173,6 +175,17 @@ def prepare(
     return out, counts
 
 
+def prepare_rows(level: str, step_marker: str):
+    """`prepare` (instruction level) or the response-level variant (data/leaf/response_level.py)."""
+    if level == "instruction":
+        return prepare
+    from functools import partial
+
+    from data.leaf.response_level import prepare_response_level
+
+    return partial(prepare_response_level, step_marker=step_marker)
+
+
 def load_model(spec: str, layers: str | None, dtype: str):
     """`smollm2` (offline GGUF), `tiny` (random, for smoke runs) or a hub id / local folder."""
     if spec == "smollm2":
@@ -209,6 +222,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--dtype", default="fp32", help="fp32 | bf16")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--limit", type=int, default=None, help="score only the first N rows")
+    parser.add_argument(
+        "--level", default="instruction", choices=["instruction", "response"], help="response: per step"
+    )
+    parser.add_argument(
+        "--step-marker", default=r"\n+", help="regex after which a step ends (--level response)"
+    )
     return parser.parse_args(argv)
 
 
@@ -229,7 +248,7 @@ def main(argv: list[str] | None = None) -> Counter:
         f"student {args.student}: {student.config.num_hidden_layers} layers",
         file=sys.stderr,
     )
-    out, counts = prepare(
+    out, counts = prepare_rows(args.level, args.step_marker)(
         rows,
         teacher,
         student,

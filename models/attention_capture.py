@@ -16,7 +16,7 @@ Shapes: query [B, H, T, hd], key [B, KV, T, hd] with H = KV * G (grouped-query a
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -26,15 +26,19 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 CAPTURE_PREFIX = "unsink_capture|"
 _STORE_ATTR = "_unsink_qk_store"
+# set by models/attention_edit.py on edited layers: recomputed rows get the same probability edit
+PROBABILITY_EDIT_ATTR = "_unsink_probability_edit"
 
 
 @dataclass
 class CapturedQueryKey:
-    """Post-RoPE query [B,H,T,hd] and key [B,KV,T,hd] of one layer, with the layer's softmax scale."""
+    """Post-RoPE query [B,H,T,hd] and key [B,KV,T,hd] of one layer, with the layer's softmax scale and the
+    layer's training-free attention edit, if any (`models.attention_edit`, reapplied to recomputed rows)."""
 
     query: torch.Tensor
     key: torch.Tensor
     scaling: float
+    edit: Callable | None = None
 
 
 def _make_capturing_attention(base_name: str):
@@ -46,7 +50,8 @@ def _make_capturing_attention(base_name: str):
             scaling = kwargs.get("scaling")
             if scaling is None:
                 scaling = query.shape[-1] ** -0.5
-            store[module.layer_idx] = CapturedQueryKey(query, key, float(scaling))
+            edit = getattr(module, PROBABILITY_EDIT_ATTR, None)
+            store[module.layer_idx] = CapturedQueryKey(query, key, float(scaling), edit)
         return base_fn(module, query, key, value, attention_mask, **kwargs)
 
     return capturing_attention
@@ -182,10 +187,13 @@ def sampled_attention_probs(
     logits = _grouped_logits(rows, captured.key, captured.scaling)
     mask = _row_mask(query_positions, captured.key.shape[2], key_padding_mask, causal)
     if mask is None:
-        return torch.softmax(logits, dim=-1)
-    logits = logits.masked_fill(~mask, float("-inf"))
-    probs = torch.softmax(logits, dim=-1)
-    return torch.nan_to_num(probs, nan=0.0)
+        probs = torch.softmax(logits, dim=-1)
+    else:
+        probs = torch.nan_to_num(torch.softmax(logits.masked_fill(~mask, float("-inf")), dim=-1), nan=0.0)
+    if captured.edit is not None:
+        visible = torch.ones_like(logits[:1, :1], dtype=torch.bool) if mask is None else mask
+        probs = captured.edit.reapply(probs, visible)
+    return probs
 
 
 @torch.no_grad()

@@ -20,6 +20,7 @@ from data.avsr.collate import AVSRCollate
 from data.avsr.dataset import MODALITIES, AVSRDataset
 from data.avsr.manifest import read_manifest
 from data.avsr.media_io import VIDEO_FPS, read_audio
+from data.avsr.noise import BabbleNoise, load_babble_sources
 from data.avsr.skipped_clips import SkipTally
 from data.avsr.transforms import AudioTransform, VideoTransform
 
@@ -38,7 +39,8 @@ class AVSRDataModule(L.LightningDataModule):
     strict: a bad manifest row raises with its row number; otherwise it is skipped with a warning.
     spm_model: SentencePiece model that decodes auto_avsr's token-id labels to text (null: labels are text).
     Augmentation (training only): random crop, video/audio time masks (window 0 disables), noise at an SNR
-    from `noise_snr_db` with probability `noise_probability` (white noise, or excerpts of `noise_file`).
+    from `noise_snr_db` with probability `noise_probability` (white noise, or excerpts of `noise_file`, or
+    with `noise_kind="babble"` the sum of `noise_babble_talkers` other training clips, data/avsr/noise.py).
     eval_noise_snr_db: mix noise into val/test audio at this SNR (robustness evaluation); None for clean.
     prepare: called without arguments in `prepare_data` (e.g. the synthetic corpus builder, a partial).
     """
@@ -63,6 +65,9 @@ class AVSRDataModule(L.LightningDataModule):
         noise_snr_db: Sequence[float] = (-5, 0, 5, 10, 15, 20),
         noise_probability: float = 0.0,
         noise_file: str | None = None,
+        noise_kind: str | None = None,
+        noise_babble_talkers: int = 6,
+        noise_babble_pool: int = 64,
         eval_noise_snr_db: float | None = None,
         pin_memory: bool = False,
         seed: int = 0,
@@ -85,6 +90,9 @@ class AVSRDataModule(L.LightningDataModule):
         self.audio_time_mask = (audio_time_mask_window, audio_time_mask_stride)
         self.noise_snr_db, self.noise_probability = list(noise_snr_db), noise_probability
         self.noise_file, self.eval_noise_snr_db = noise_file, eval_noise_snr_db
+        if noise_kind not in (None, "white", "babble"):
+            raise ValueError(f"data.noise_kind must be null, white or babble, got {noise_kind!r}")
+        self.noise_kind, self.babble = noise_kind, (noise_babble_talkers, noise_babble_pool)
         self.pin_memory, self.seed, self.prepare = pin_memory, seed, prepare
         self.datasets: dict[str, AVSRDataset] = {}
         self.bad_rows: dict[str, list[tuple[int, str]]] = {}
@@ -101,6 +109,8 @@ class AVSRDataModule(L.LightningDataModule):
     def _transforms(self, split: str) -> tuple[VideoTransform, AudioTransform]:
         if split == "train":
             noise = read_audio(Path(self.noise_file)) if self.noise_file else None
+            if self.noise_kind == "babble" and self.noise_probability > 0:
+                noise = self._babble(split)
             return (
                 VideoTransform(self.crop_size, True, *self.video_time_mask),
                 AudioTransform(*self.audio_time_mask, self.noise_snr_db, self.noise_probability, noise),
@@ -108,6 +118,13 @@ class AVSRDataModule(L.LightningDataModule):
         eval_snr = [] if self.eval_noise_snr_db is None else [self.eval_noise_snr_db]
         noise = read_audio(Path(self.noise_file)) if self.noise_file and eval_snr else None
         return VideoTransform(self.crop_size), AudioTransform(0, 16_000, eval_snr, 1.0, noise)
+
+    def _babble(self, split: str) -> BabbleNoise:
+        """Babble made of other clips of the split's manifest (training augmentation)."""
+        talkers, pool = self.babble
+        rows = read_manifest(self.manifest_path(split), strict=False).rows
+        sources = [audio for _, audio in load_babble_sources(self.root, rows, pool, self.seed)]
+        return BabbleNoise(sources, talkers)
 
     def setup(self, stage: str | None = None) -> None:
         if not self.root.is_dir():

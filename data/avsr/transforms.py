@@ -4,7 +4,7 @@ All randomness comes from torch's global generator, which the DataLoader seeds p
 seeded generator, so a run is reproducible for a fixed seed and number of workers.
 """
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torchaudio.functional as AF
@@ -75,7 +75,8 @@ class AudioTransform:
     """float32 waveform [S] at 16 kHz -> [S]: additive noise at a target SNR, then time masking.
 
     With probability `noise_probability` a noise segment (a random excerpt of `noise` [N], tiled if
-    short, or white noise when `noise` is None) is mixed in at an SNR drawn from `noise_snr_db` with
+    short; `noise(n) -> [n]` when it is a callable such as `data.avsr.noise.BabbleNoise`; white noise
+    when `noise` is None) is mixed in at an SNR drawn from `noise_snr_db` with
     torchaudio.functional.add_noise. Time masking zeroes ceil(S / stride) spans of < window samples.
     """
 
@@ -85,7 +86,7 @@ class AudioTransform:
         time_mask_stride: int = 16_000,
         noise_snr_db: Sequence[float] = (),
         noise_probability: float = 0.0,
-        noise: torch.Tensor | None = None,
+        noise: torch.Tensor | Callable[[int], torch.Tensor] | None = None,
     ):
         self.time_mask_window, self.time_mask_stride = time_mask_window, time_mask_stride
         self.noise_snr_db = [float(snr) for snr in noise_snr_db]
@@ -95,6 +96,8 @@ class AudioTransform:
     def _noise_like(self, waveform: torch.Tensor) -> torch.Tensor:
         if self.noise is None:
             return torch.randn_like(waveform)
+        if callable(self.noise):
+            return self.noise(waveform.numel()).to(waveform.dtype)
         repeats = -(-waveform.numel() // self.noise.numel()) + 1
         tiled = self.noise.repeat(repeats)
         start = int(torch.randint(0, tiled.numel() - waveform.numel() + 1, ()).item())
