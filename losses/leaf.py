@@ -1,6 +1,6 @@
 """LeaF (Learning to Focus, NeurIPS 2025): confounder scores, spans, and the distillation loss.
 
-Exact maths: /work/shared/OBJECTIVES.md §4. Pure functions; the teacher, the tokenizer and the
+Exact maths: docs/objectives.md (LeaF). Pure functions; the teacher, the tokenizer and the
 normalisation across accumulation steps and ranks live in `recipes/objectives/leaf.py`.
 """
 
@@ -11,7 +11,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-IGNORE_INDEX = -100
+from models.segments import IGNORE_INDEX
 
 
 def min_max(x: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:

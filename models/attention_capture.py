@@ -15,8 +15,7 @@ Shapes: query [B, H, T, hd], key [B, KV, T, hd] with H = KV * G (grouped-query a
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
@@ -129,13 +128,6 @@ class QueryKeyCapture:
         for module in self.modules.values():
             if hasattr(module, _STORE_ATTR):
                 delattr(module, _STORE_ATTR)
-
-
-@contextlib.contextmanager
-def capture_queries_keys(model: torch.nn.Module, layers: Iterable[int] | None = None) -> Iterator[dict]:
-    """Functional form of `QueryKeyCapture`."""
-    with QueryKeyCapture(model, layers) as captured:
-        yield captured
 
 
 def _grouped_logits(query_rows: torch.Tensor, key: torch.Tensor, scaling: float) -> torch.Tensor:

@@ -16,10 +16,12 @@ import lightning as L
 import torch
 from torchmetrics import MeanMetric
 
+from data.avsr.skipped_clips import skip_metrics
 from metrics.wer import CorpusWER
 from models.attention_capture import disable_capture
 from models.avsr.avsr_model import MODALITIES, AVSRModel
 from models.lora import log_parameter_counts, set_trainable
+from models.segments import IGNORE_INDEX
 from recipes.avsr_export import export_avsr
 from recipes.checkpoint import keep_trainable_state
 from recipes.llm_setup import prepare_llm
@@ -132,9 +134,9 @@ class AVSRRecipe(L.LightningModule):
 
     # ---- steps -----------------------------------------------------------------------------------
     def _log_skipped(self, batch: dict) -> None:
-        for reason, count in (batch.get("skipped") or {}).items():
+        for name, count in skip_metrics(batch.get("skipped") or {}).items():
             self.log(
-                f"data/skipped_{reason}",
+                name,
                 float(count),
                 reduce_fx="sum",
                 on_step=False,
@@ -169,7 +171,9 @@ class AVSRRecipe(L.LightningModule):
             return
         packed = self.model.build_inputs(batch)
         outputs = self.llm(**packed.llm_inputs(with_labels=True), use_cache=False)
-        self.loss_metrics[stage].update(outputs.loss.detach(), weight=(packed.labels[:, 1:] != -100).sum())
+        self.loss_metrics[stage].update(
+            outputs.loss.detach(), weight=(packed.labels[:, 1:] != IGNORE_INDEX).sum()
+        )
         hypotheses = self.model.generate(batch, **self.generation)
         self.wer_metrics[stage].update(hypotheses, batch["text"])
         self.examples.extend(list(zip(batch["text"], hypotheses))[: max(0, 3 - len(self.examples))])

@@ -4,13 +4,13 @@ import pytest
 import torch
 from transformers import WhisperFeatureExtractor
 
+from models import segments as seg
 from models.avsr.audio_encoder import encode_true_length
 from models.avsr.avsr_model import AVSRModel
 from models.avsr.projector import ModalityProjector, compressed_lengths
 from models.avsr.sequence import IGNORE_INDEX
 from models.avsr.tiny import build_tiny_video_encoder, build_tiny_whisper_encoder
 from models.avsr.whisper_frontend import WhisperLogMel
-from recipes import segments as seg
 
 
 def _speechlike(samples: int, seed: int = 0) -> torch.Tensor:

@@ -9,10 +9,10 @@ import torch
 from peft import PeftModel
 from torch.utils.data import DataLoader
 
+from models import segments as seg
 from models.avsr.projector import ModalityProjector
 from models.avsr.tiny import build_tiny_video_encoder, build_tiny_whisper_encoder
 from models.causal_lm import build_tiny_llama
-from recipes import segments as seg
 from recipes.avsr import AVSRRecipe
 from recipes.objectives.base import Objective, ObjectiveContext
 

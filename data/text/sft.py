@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-IGNORE_INDEX = -100
+from models.segments import IGNORE_INDEX
 
 
 @dataclass

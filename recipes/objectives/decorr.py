@@ -1,4 +1,4 @@
-"""BOS decorrelation as a recipe objective (OBJECTIVES.md §1); the maths is `losses/decorrelation.py`."""
+"""BOS decorrelation as a recipe objective (docs/objectives.md); the maths is `losses/decorrelation.py`."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ from collections.abc import Sequence
 import torch
 
 from losses.decorrelation import bos_cosines, bos_decorrelation_loss
+from models.segments import IGNORE_INDEX
 from recipes.objectives.base import Objective, ObjectiveContext
 
 TOKEN_SETS = ("input_side", "non_pad", "sinks")
@@ -14,7 +15,7 @@ TOKEN_SETS = ("input_side", "non_pad", "sinks")
 
 def input_side_mask(attention_mask: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """[B,T] bool: non-pad positions before the row's first target (labels != -100); whole row if none."""
-    is_target = labels != -100
+    is_target = labels != IGNORE_INDEX
     length = labels.shape[1]
     first_target = torch.where(
         is_target.any(1), is_target.int().argmax(1), torch.full_like(labels[:, 0], length)
