@@ -35,7 +35,8 @@ class AVSRDataModule(L.LightningDataModule):
     modality: "audio" | "video" | "audiovisual"; the unused stream is never decoded.
     max_frames: padded-frame budget per batch (video frames at 25 fps, also for audio-only).
     max_duration_s: longer clips are skipped ("too_long"); must fit the budget (25 * s <= max_frames).
-    strict: a bad manifest row raises with its row number; otherwise it is skipped with a warning.
+    strict: a bad manifest row raises with its row number and a bad clip (missing, corrupt, truncated,
+        empty) raises naming it; otherwise both are skipped, counted, warned about and listed in the summary.
     Augmentation (training only): random crop, video/audio time masks (window 0 disables), noise at an SNR
     from `noise_snr_db` with probability `noise_probability` (white noise, or excerpts of `noise_file`).
     eval_noise_snr_db: mix noise into val/test audio at this SNR (robustness evaluation); None for clean.
@@ -119,7 +120,13 @@ class AVSRDataModule(L.LightningDataModule):
             self.bad_rows[split] = manifest.bad_rows
             video_transform, audio_transform = self._transforms(split)
             self.datasets[split] = AVSRDataset(
-                self.root, manifest.rows, self.modality, video_transform, audio_transform, self.max_duration_s
+                self.root,
+                manifest.rows,
+                self.modality,
+                video_transform,
+                audio_transform,
+                self.max_duration_s,
+                strict=self.strict,
             )
             log.info("%s: %d clips from %s", split, len(manifest.rows), path)
 
@@ -194,14 +201,24 @@ class AVSRDataModule(L.LightningDataModule):
         return batch
 
     def summary_lines(self) -> list[str]:
-        """Skipped clips of this process over the whole run, per stage, for the end-of-run summary."""
+        """Skipped clips of this process over the whole run, per stage, and manifest rows rejected at parse
+        time (strict=false), for the end-of-run summary."""
         if not self.skip_tally.run_totals:
-            return ["data: no clip skipped"]
-        parts = [
-            f"{stage} {sum(c.values())} ({', '.join(f'{r} {n}' for r, n in c.items() if n) or 'none'})"
-            for stage, c in sorted(self.skip_tally.run_totals.items())
-        ]
-        return ["data: clips skipped: " + "; ".join(parts)]
+            lines = ["data: no clip skipped"]
+        else:
+            parts = [
+                f"{stage} {sum(c.values())} ({', '.join(f'{r} {n}' for r, n in c.items() if n) or 'none'})"
+                for stage, c in sorted(self.skip_tally.run_totals.items())
+            ]
+            lines = ["data: clips skipped: " + "; ".join(parts)]
+        rejected = {split: rows for split, rows in sorted(self.bad_rows.items()) if rows}
+        if rejected:
+            parts = [
+                f"{split} {len(rows)} (rows {', '.join(str(n) for n, _ in rows[:10])}{', ...' if len(rows) > 10 else ''})"
+                for split, rows in rejected.items()
+            ]
+            lines.append("data: manifest rows rejected: " + "; ".join(parts))
+        return lines
 
     def report_skipped(self, stage: str) -> dict[str, int]:
         """Log and return the skipped-clip totals of `stage` since the last report (all ranks summed when a
