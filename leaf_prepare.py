@@ -31,6 +31,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from data.text.jsonl import read_jsonl
 from losses.leaf import confounder_scores, confounder_spans
 from models.causal_lm import build_tiny_llama, load_gguf_from_package, load_pretrained_causal_lm
 from models.layer_subset import keep_decoder_layers
@@ -67,8 +68,8 @@ def render(tokenizer, prompt: str, response: str, system: str | None) -> tuple[s
             messages + [{"role": "assistant", "content": response}], tokenize=False
         )
     else:  # the same "role: content" fallback as data/text/sft.py
-        before = "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant: "
-        full = before + response + "\n"
+        before = "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant:"
+        full = before + " " + response + "\n"
     if not full.startswith(before):
         raise ValueError("chat template is not prefix-stable; cannot locate the answer")
     start = before.rfind(prompt)
@@ -215,10 +216,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> Counter:
     args = parse_args(argv)
-    data = Path(args.data)
-    if not data.exists():
-        raise FileNotFoundError(f"--data {data} does not exist")
-    rows = [json.loads(line) for line in data.read_text(encoding="utf-8").splitlines() if line.strip()]
+    rows, malformed = read_jsonl(args.data, strict=False, config_key="--data")  # bad lines: counted, skipped
+    rows = [{k: v for k, v in row.items() if k != "_line"} for row in rows]
     rows = rows[: args.limit] if args.limit is not None else rows
     teacher, teacher_tokenizer = load_model(args.teacher, args.teacher_layers, args.dtype)
     student, tokenizer = load_model(args.student, args.student_layers or None, args.dtype)
@@ -241,6 +240,8 @@ def main(argv: list[str] | None = None) -> Counter:
         args.prompt_field,
         args.response_field,
     )
+    if len(malformed):
+        counts["skipped: malformed JSON line"] = len(malformed)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     with open(args.out, "w", encoding="utf-8") as handle:
         for row in out:
