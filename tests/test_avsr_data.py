@@ -127,13 +127,14 @@ def test_manifest_accepts_header_quotes_and_auto_avsr_dataset_folder(tmp_path):
     assert batch["text"] == ["YES, SIR"] and batch["video_lengths"].tolist() == [5]
 
 
-def test_missing_paths_name_the_config_key(tmp_path, corpus):
+def test_missing_paths_name_the_config_key(tmp_path, corpus, caplog):
     with pytest.raises(FileNotFoundError, match="data.root"):
         _datamodule(tmp_path / "nowhere").setup("fit")
     with pytest.raises(FileNotFoundError, match="data.train_manifest"):
         _datamodule(corpus, train_manifest="labels/absent.csv").setup("fit")
-    with pytest.raises(ValueError, match="data.max_frames"):
-        _datamodule(corpus, max_duration_s=10.0)
+    with caplog.at_level(logging.WARNING, logger="data.avsr.datamodule"):
+        fitted = _datamodule(corpus, max_duration_s=10.0)  # 250 frames > the 100-frame budget
+    assert fitted.max_duration_s == 4.0 and "data.max_frames" in caplog.text
 
 
 class _CountingModule(L.LightningModule):

@@ -34,7 +34,8 @@ class AVSRDataModule(L.LightningDataModule):
 
     modality: "audio" | "video" | "audiovisual"; the unused stream is never decoded.
     max_frames: padded-frame budget per batch (video frames at 25 fps, also for audio-only).
-    max_duration_s: longer clips are skipped ("too_long"); must fit the budget (25 * s <= max_frames).
+    max_duration_s: longer clips are skipped ("too_long"). A limit that does not fit the budget
+        (25 * s > max_frames) is lowered to max_frames / 25 with a warning: the batch budget wins.
     strict: a bad manifest row raises with its row number and a bad clip (missing, corrupt, truncated,
         empty) raises naming it; otherwise both are skipped, counted, warned about and listed in the summary.
     Augmentation (training only): random crop, video/audio time masks (window 0 disables), noise at an SNR
@@ -71,10 +72,19 @@ class AVSRDataModule(L.LightningDataModule):
         if modality not in MODALITIES:
             raise ValueError(f"data.modality must be one of {MODALITIES}, got {modality!r}")
         if max_duration_s * VIDEO_FPS > max_frames:
-            raise ValueError(
-                f"data.max_duration_s={max_duration_s} ({max_duration_s * VIDEO_FPS:.0f} frames) does not fit "
-                f"data.max_frames={max_frames}: a single clip could exceed the batch budget"
+            # An experiment's batch budget (e.g. avsr_decorr's 400 frames for CPU) composed with a data group's
+            # clip limit (lrs3: 24 s = 600 frames): the budget, set later, wins and the limit follows it.
+            fitted = max_frames / VIDEO_FPS
+            log.warning(
+                "data.max_duration_s=%s (%.0f frames) does not fit data.max_frames=%d: clips longer than %.2f s "
+                "are skipped (too_long). Raise data.max_frames to at least %.0f to keep them.",
+                max_duration_s,
+                max_duration_s * VIDEO_FPS,
+                max_frames,
+                fitted,
+                max_duration_s * VIDEO_FPS,
             )
+            max_duration_s = fitted
         self.root = Path(root)
         self.manifests = {"train": train_manifest, "val": val_manifest, "test": test_manifest}
         self.modality, self.max_frames, self.num_workers = modality, max_frames, num_workers
