@@ -86,6 +86,12 @@ class AVSRRecipe(L.LightningModule):
         self.objectives = ObjectiveSet(objectives)
         if self.objectives.sums_over_tokens:  # LeaF's teacher reads token ids; AVSR inputs are embeddings
             raise ValueError("token-sum objectives (leaf) run with the causal LM recipe, not with AVSR")
+        rewriters = [name for name, o in self.objectives.objectives.items() if o.rewrites_token_ids]
+        if rewriters:  # MEAP masks input_ids; the AVSR LLM input is embeddings built from audio/video
+            raise ValueError(
+                f"objective {rewriters} rewrites token-id batches and runs with the causal LM recipe only, "
+                "not with AVSR: remove it from `objective` (e.g. objective=[decorr])"
+            )
         llm, self.tokenizer = prepare_llm(backbone, self.objectives, lora, None, gradient_checkpointing)
         width = llm.config.hidden_size
         parts = {}

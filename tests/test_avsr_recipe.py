@@ -182,3 +182,11 @@ def test_avsr_rejects_leaf_with_a_clear_error():
     teacher = build_tiny_llama(special_tokens=SPECIAL)
     with pytest.raises(ValueError, match="causal LM recipe"):
         build_recipe("audio", {"leaf": LeafDistillationObjective(teacher=teacher, teacher_dtype="fp32")})
+
+
+def test_avsr_rejects_meap_with_a_clear_error():
+    """objective=[meap] on an AVSR experiment: refused at start-up, naming the option (was a KeyError)."""
+    from recipes.objectives.meap import MeapObjective
+
+    with pytest.raises(ValueError, match=r"\['meap'\] rewrites token-id batches.*remove it from `objective`"):
+        build_recipe("audio", {"meap": MeapObjective(mode="sft")})

@@ -54,6 +54,7 @@ class Objective:
     name: str = "objective"
     needs_hidden_states: bool = False
     reduction: str = "mean"
+    rewrites_token_ids: bool = False  # transform_batch edits `input_ids` (text recipes only)
 
     def __init__(self, weight: float = 1.0, warmup_steps: int = 0):
         if weight < 0:

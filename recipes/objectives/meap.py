@@ -52,6 +52,7 @@ class MeapObjective(Objective):
     """
 
     name = "meap"
+    rewrites_token_ids = True
 
     def __init__(
         self,
