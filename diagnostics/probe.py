@@ -14,8 +14,8 @@ import torch
 from diagnostics import sink_metrics as sm
 from diagnostics.report import LayerSinks, SinkReport
 from models.attention_capture import QueryKeyCapture, attention_to_keys
-from recipes.segments import NAMES as SEGMENT_NAMES
-from recipes.segments import PAD
+from models.segments import NAMES as SEGMENT_NAMES
+from models.segments import PAD
 
 
 def valid_token_mask(llm_inputs: dict, segments: torch.Tensor | None) -> torch.Tensor:
@@ -92,7 +92,7 @@ def measure_sinks(
     Args:
         llm: HF causal LM or PEFT model with fused (sdpa/flash) attention; left in its train/eval mode.
         llm_inputs: kwargs of its forward: input_ids [B,T] or inputs_embeds [B,T,D], attention_mask [B,T].
-        segments: [B,T] long segment ids (recipes.segments) for per-segment numbers, or None.
+        segments: [B,T] long segment ids (models.segments) for per-segment numbers, or None.
         layers: decoder layers to measure (0-based; layer i = hidden_states[i + 1]); None = all.
         sink_key_position, sink_eps: key k and threshold of the sink rate.
         intermediate_*: thresholds for tokens t > 0 that act as sinks (cosine to BOS, received attention).

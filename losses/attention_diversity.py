@@ -1,6 +1,6 @@
 """Attention Diversification Loss (ADL, TAPADL, ICCV 2023) and its causal variant for LLMs.
 
-Exact reference maths: /work/shared/OBJECTIVES.md §2. Inputs are the attention probabilities of S query
+Exact reference maths: docs/objectives.md (ADL). Inputs are the attention probabilities of S query
 rows (all rows, or a sample recomputed by `models.attention_capture.sampled_attention_probs`).
 """
 
@@ -33,7 +33,8 @@ def attention_diversity_loss(
         key_padding_mask: [B,K], 1/True = real token. Padded keys are invisible; rows whose own
             position is padding are skipped.
     Returns:
-        float32 scalar: mean over valid (b, row) of cos(mhat_b,i, Ahat_b,i); 0 when no row is valid.
+        float32 scalar: mean over valid (b, row) of cos(mhat_b,i, Ahat_b,i); 0 when no row is valid. A row
+        whose threshold tau >= 1 can never pass it and is not counted (reference: only when K <= threshold).
 
     Reference (causal=False, all rows, no padding) — equal to TAPADL for one layer:
         Abar = mean over heads [B,S,K]; tau = threshold / K; m = mean over rows of Abar [B,K];
@@ -48,7 +49,8 @@ def attention_diversity_loss(
           row i is compared with m_b restricted to its own visible keys and renormalised to sum 1
           (m_b,i = m_b * vis_i / sum(m_b * vis_i)), so both sides are distributions over the same prefix and
           tau_i means the same thing for both;
-        - rows with fewer than 2 visible keys are skipped (row 0 is always cos = 1, a constant).
+        - rows with fewer than 2 visible keys are skipped (row 0 is always cos = 1, a constant), and rows
+          with n_i <= threshold (tau_i >= 1: no probability can pass) are left out of the average.
         A strong BOS sink dominates m, so lowering the loss pushes rows away from the shared sink pattern.
     Without padding and with causal=False the renormalisation is not applied (it is a no-op up to rounding).
     Cost O(B*S*K): linear in the number of rows, never pairwise.
@@ -74,7 +76,7 @@ def attention_diversity_loss(
     visible = visible.expand(batch, rows, keys)
     n_visible = visible.sum(-1)  # [B,S]
     row_valid = row_valid & (n_visible >= (2 if causal else 1)) & (attn.sum(-1) > 0)
-    weights = row_valid.to(attn.dtype)
+    weights = row_valid.to(attn.dtype)  # rows that make the mean row
 
     mean_row = (attn * weights[..., None]).sum(1) / weights.sum(1, keepdim=True).clamp_min(1)  # [B,K]
     mean_row = mean_row[:, None, :] * visible.to(attn.dtype)  # [B,S,K], each row's view of the mean row
@@ -84,4 +86,7 @@ def attention_diversity_loss(
     attn_hat = attn * (attn > tau)
     mean_hat = mean_row * (mean_row > tau)
     cos = _cosine(mean_hat, attn_hat)  # [B,S]
-    return (cos * weights).sum() / weights.sum().clamp_min(1)
+    # a row whose tau_i >= 1 (n_i <= threshold) cannot pass: no probability exceeds 1, its cosine is 0 with
+    # no gradient, so it is left out of the average instead of diluting it
+    counted = weights * (tau[..., 0] < 1).to(attn.dtype)
+    return (cos * counted).sum() / counted.sum().clamp_min(1)

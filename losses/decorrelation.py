@@ -1,6 +1,6 @@
 """BOS decorrelation loss: push hidden states away from the direction of the first token.
 
-Reference: the "sink loss" of Llama-AVSR (arXiv 2510.22603); exact maths in /work/shared/OBJECTIVES.md §1.
+Reference: the "sink loss" of Llama-AVSR (arXiv 2510.22603); exact maths in docs/objectives.md.
 """
 
 from __future__ import annotations
@@ -18,6 +18,9 @@ def bos_cosines(hidden_states: Sequence[torch.Tensor], layers: Sequence[int] | N
 
     Cheap in memory: per layer it makes one [B,T] dot product with the BOS vector (a batched GEMM with
     fp32 accumulation) and one [B,T] vector norm accumulated in fp32; no [B,T,D] fp32 temporary.
+    float16 is the exception: |h_0|.|h_t| overflows its range (65504) as soon as both norms pass about 256,
+    and SmolLM2's BOS feature alone is about 24,500, so fp16 states are normalised in fp32 first (one
+    [B,T,D] fp32 temporary per layer); bfloat16 has float32's range and keeps the GEMM path.
     """
     if layers is None:
         layers = range(1, len(hidden_states) - 1)
@@ -28,6 +31,9 @@ def bos_cosines(hidden_states: Sequence[torch.Tensor], layers: Sequence[int] | N
     for index in layers:
         h = hidden_states[index]
         accumulate = torch.promote_types(h.dtype, torch.float32)  # fp32 for bf16/fp16, fp64 stays fp64
+        if h.dtype == torch.float16:
+            h = h.float()
+            h = h / torch.linalg.vector_norm(h, dim=-1, keepdim=True).clamp_min(1e-12)  # unit rows, fp32
         bos = h[:, 0]  # [B,D], not detached: gradients flow into both sides
         dots.append(torch.einsum("btd,bd->bt", h, bos).to(accumulate))
         norms.append(torch.linalg.vector_norm(h, dim=-1, dtype=accumulate))

@@ -1,6 +1,6 @@
 """LeaF (Learning to Focus, NeurIPS 2025): confounder scores, spans, and the distillation loss.
 
-Exact maths: /work/shared/OBJECTIVES.md §4. Pure functions; the teacher, the tokenizer and the
+Exact maths: docs/objectives.md (LeaF). Pure functions; the teacher, the tokenizer and the
 normalisation across accumulation steps and ranks live in `recipes/objectives/leaf.py`.
 """
 
@@ -11,7 +11,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-IGNORE_INDEX = -100
+from models.segments import IGNORE_INDEX
 
 
 def min_max(x: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
@@ -42,11 +42,13 @@ def confounder_spans(
     scores: [n] confounder scores (e.g. of the instruction tokens). A token is a confounder when
         score <= min(sorted(scores)[floor(n * quantile)], cap) and it is not `protected` ([n] bool,
         e.g. whitespace/newline tokens, which are never pruned).
+    Scores that are all equal (teacher and student gradients tie up to scale, so `confounder_scores` is 0
+    everywhere) single out no token: no span, rather than the whole prompt.
     """
     if scores.dim() != 1:
         raise ValueError(f"scores must be 1-D, got shape {tuple(scores.shape)}")
     n = scores.numel()
-    if n == 0:
+    if n == 0 or float(scores.max() - scores.min()) <= 1e-12:
         return []
     index = min(math.floor(n * quantile), n - 1)
     threshold = min(float(scores.sort().values[index]), cap)

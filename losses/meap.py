@@ -1,16 +1,15 @@
 """MEAP (Mask-Enhanced Autoregressive Prediction, ICML 2025): mask a fraction of input tokens.
 
-Exact maths: /work/shared/OBJECTIVES.md §3. Pure tensor code, no tokenizer access: the caller passes the
+Exact maths: docs/objectives.md (MEAP). Pure tensor code, no tokenizer access: the caller passes the
 id of the `[MASK]` token.
 """
 
 from __future__ import annotations
 
-import math
-
 import torch
 
-IGNORE_INDEX = -100
+from models.segments import IGNORE_INDEX
+
 MODES = ("pretrain", "sft")
 
 
@@ -76,8 +75,3 @@ def meap_mask(
     if mode == "pretrain":
         return masked_ids, labels.clone()
     return masked_ids, torch.where(chosen, labels, torch.full_like(labels, IGNORE_INDEX))
-
-
-def expected_mask_count(n_eligible: int, ratio: float) -> int:
-    """max(1, floor(ratio * n)) for n > 0, else 0 (for tests and logging)."""
-    return 0 if n_eligible == 0 else min(n_eligible, max(1, math.floor(n_eligible * ratio)))

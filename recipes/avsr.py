@@ -16,10 +16,12 @@ import lightning as L
 import torch
 from torchmetrics import MeanMetric
 
+from data.avsr.skipped_clips import skip_metrics
 from metrics.wer import CorpusWER
 from models.attention_capture import disable_capture
 from models.avsr.avsr_model import MODALITIES, AVSRModel
 from models.lora import log_parameter_counts, set_trainable
+from models.segments import IGNORE_INDEX
 from recipes.avsr_export import export_avsr
 from recipes.checkpoint import keep_trainable_state
 from recipes.llm_setup import prepare_llm
@@ -84,6 +86,12 @@ class AVSRRecipe(L.LightningModule):
         self.objectives = ObjectiveSet(objectives)
         if self.objectives.sums_over_tokens:  # LeaF's teacher reads token ids; AVSR inputs are embeddings
             raise ValueError("token-sum objectives (leaf) run with the causal LM recipe, not with AVSR")
+        rewriters = [name for name, o in self.objectives.objectives.items() if o.rewrites_token_ids]
+        if rewriters:  # MEAP masks input_ids; the AVSR LLM input is embeddings built from audio/video
+            raise ValueError(
+                f"objective {rewriters} rewrites token-id batches and runs with the causal LM recipe only, "
+                "not with AVSR: remove it from `objective` (e.g. objective=[decorr])"
+            )
         llm, self.tokenizer = prepare_llm(backbone, self.objectives, lora, None, gradient_checkpointing)
         width = llm.config.hidden_size
         parts = {}
@@ -132,9 +140,9 @@ class AVSRRecipe(L.LightningModule):
 
     # ---- steps -----------------------------------------------------------------------------------
     def _log_skipped(self, batch: dict) -> None:
-        for reason, count in (batch.get("skipped") or {}).items():
+        for name, count in skip_metrics(batch.get("skipped") or {}).items():
             self.log(
-                f"data/skipped_{reason}",
+                name,
                 float(count),
                 reduce_fx="sum",
                 on_step=False,
@@ -169,7 +177,9 @@ class AVSRRecipe(L.LightningModule):
             return
         packed = self.model.build_inputs(batch)
         outputs = self.llm(**packed.llm_inputs(with_labels=True), use_cache=False)
-        self.loss_metrics[stage].update(outputs.loss.detach(), weight=(packed.labels[:, 1:] != -100).sum())
+        self.loss_metrics[stage].update(
+            outputs.loss.detach(), weight=(packed.labels[:, 1:] != IGNORE_INDEX).sum()
+        )
         hypotheses = self.model.generate(batch, **self.generation)
         self.wer_metrics[stage].update(hypotheses, batch["text"])
         self.examples.extend(list(zip(batch["text"], hypotheses))[: max(0, 3 - len(self.examples))])

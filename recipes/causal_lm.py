@@ -10,9 +10,10 @@ import lightning as L
 import torch
 from torchmetrics import MeanMetric
 
+from models import segments as seg
 from models.attention_capture import disable_capture
 from models.lora import log_parameter_counts
-from recipes import segments as seg
+from models.segments import IGNORE_INDEX
 from recipes.checkpoint import keep_trainable_state
 from recipes.llm_setup import prepare_llm
 from recipes.objectives.base import Objective
@@ -77,7 +78,7 @@ class CausalLMRecipe(L.LightningModule):
 
     def _token_sum_step(self, ce_mean, losses, batch, batch_size):
         """CE and token-sum objectives as sums; gradients normalised per window in on_before_optimizer_step."""
-        tokens = (batch["labels"][:, 1:] != -100).sum()
+        tokens = (batch["labels"][:, 1:] != IGNORE_INDEX).sum()
         total, logs = total_loss(ce_mean * tokens, losses, self.ce_weight)
         per_token = {k: v / tokens.clamp_min(1) for k, v in logs.items()}
         self.log("train/loss", per_token.pop("loss"), prog_bar=True, batch_size=batch_size)
@@ -95,7 +96,7 @@ class CausalLMRecipe(L.LightningModule):
         outputs = self.llm(
             input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"]
         )
-        tokens = (batch["labels"][:, 1:] != -100).sum()
+        tokens = (batch["labels"][:, 1:] != IGNORE_INDEX).sum()
         self.val_loss.update(outputs.loss.detach(), weight=tokens)
 
     def on_validation_epoch_end(self) -> None:
@@ -115,7 +116,7 @@ class CausalLMRecipe(L.LightningModule):
     def sink_probe_inputs(self, batch: dict) -> tuple[dict, torch.Tensor]:
         """LLM inputs and segment ids [B,T] (BOS / PROMPT / TARGET / PAD) for one validation batch."""
         mask = batch["attention_mask"].bool()
-        segments = torch.where(batch["labels"] != -100, seg.TARGET, seg.PROMPT)
+        segments = torch.where(batch["labels"] != IGNORE_INDEX, seg.TARGET, seg.PROMPT)
         segments = torch.where(mask, segments, torch.full_like(segments, seg.PAD))
         segments[:, 0] = torch.where(mask[:, 0], seg.BOS, seg.PAD)
         return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}, segments

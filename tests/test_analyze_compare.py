@@ -150,3 +150,42 @@ def test_compare_builds_table_and_overlays(tmp_path, capsys):
     ):
         assert (tmp_path / "cmp" / f"{name}.png").stat().st_size > 1000
     assert "first-token attention, layer 1" in capsys.readouterr().out
+
+
+def _leaf_run(root: Path, tiny_lm_factory, config_backbone: str) -> Path:
+    """An lm_leaf-like run folder: teacher = the 2-layer tiny model, student = its layer 0, adapter on the
+    student; `config_backbone` is what model.backbone points at in the saved config."""
+    from peft import LoraConfig, get_peft_model
+
+    from models.layer_subset import keep_decoder_layers
+
+    run = root / "run_leaf"
+    (run / ".hydra").mkdir(parents=True)
+    backbone = OmegaConf.load(ROOT / "conf" / "backbone" / "tiny_llama.yaml")
+    student = {
+        "_target_": "models.layer_subset.build_layer_subset",
+        "_partial_": True,
+        "backbone": "${backbone}",
+        "layers": "::2",
+    }
+    config = {"backbone": backbone, "student": student, "model": {"backbone": config_backbone}}
+    OmegaConf.save(OmegaConf.create(config), run / ".hydra" / "config.yaml")
+    model = keep_decoder_layers(tiny_lm_factory()[0], "::2")
+    lora = get_peft_model(
+        model, LoraConfig(r=4, target_modules=["q_proj", "k_proj"], init_lora_weights=False)
+    )
+    lora.save_pretrained(run / "adapter")
+    return run
+
+
+def test_analyze_a_leaf_run_measures_the_student(tmp_path, tiny_lm_factory):
+    run = _leaf_run(tmp_path, tiny_lm_factory, "${student}")
+    sinks = analyze.analyze(analyze_config(f"run={run}", f"output_dir={tmp_path / 'out'}"))
+    assert [row["layer"] for row in sinks["layers"]] == [0]  # the 1-layer student, not the 2-layer teacher
+    assert sinks["model"] == "run_leaf (adapter on build_layer_subset)"
+
+
+def test_an_adapter_that_does_not_match_its_base_fails_loudly(tmp_path, tiny_lm_factory):
+    run = _leaf_run(tmp_path, tiny_lm_factory, "${backbone}")  # the student's adapter on the teacher
+    with pytest.raises(ValueError, match="does not match its base build_tiny_llama"):
+        analyze.analyze(analyze_config(f"run={run}", f"output_dir={tmp_path / 'out'}"))

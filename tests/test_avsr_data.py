@@ -9,6 +9,7 @@ import torch
 
 from data.avsr.batching import FrameBudgetBatchSampler, padded_frames
 from data.avsr.datamodule import AVSRDataModule
+from data.avsr.dataset import BadClipError
 from data.avsr.manifest import ManifestError, ManifestRow, read_manifest, write_manifest
 from data.avsr.media_io import SAMPLES_PER_VIDEO_FRAME, write_audio, write_video
 from data.avsr.skip_report import ReportSkippedClips
@@ -51,7 +52,7 @@ def corpus(tmp_path_factory):
 
 
 def _datamodule(root, **overrides):
-    options = dict(root=str(root), max_frames=100, max_duration_s=2.0, num_workers=0, seed=3)
+    options = dict(root=str(root), max_frames=100, max_duration_s=2.0, num_workers=0, seed=3, strict=False)
     return AVSRDataModule(**{**options, **overrides})
 
 
@@ -64,7 +65,7 @@ def test_batches_follow_the_contract_and_count_skipped_clips(corpus):
     datamodule.setup("validate")
     batches = _all_batches(datamodule.val_dataloader())
     skipped = {reason: sum(batch["skipped"][reason] for batch in batches) for reason in batches[0]["skipped"]}
-    assert skipped == {"missing": 1, "corrupt": 1, "empty": 2, "too_long": 1}
+    assert skipped == {"missing": 1, "corrupt": 1, "truncated": 0, "empty": 2, "too_long": 1}
     clips = {clip_id: (batch, i) for batch in batches for i, clip_id in enumerate(batch["ids"])}
     assert set(clips) == set(GOOD)
     for clip_id, (batch, i) in clips.items():
@@ -126,13 +127,14 @@ def test_manifest_accepts_header_quotes_and_auto_avsr_dataset_folder(tmp_path):
     assert batch["text"] == ["YES, SIR"] and batch["video_lengths"].tolist() == [5]
 
 
-def test_missing_paths_name_the_config_key(tmp_path, corpus):
+def test_missing_paths_name_the_config_key(tmp_path, corpus, caplog):
     with pytest.raises(FileNotFoundError, match="data.root"):
         _datamodule(tmp_path / "nowhere").setup("fit")
     with pytest.raises(FileNotFoundError, match="data.train_manifest"):
         _datamodule(corpus, train_manifest="labels/absent.csv").setup("fit")
-    with pytest.raises(ValueError, match="data.max_frames"):
-        _datamodule(corpus, max_duration_s=10.0)
+    with caplog.at_level(logging.WARNING, logger="data.avsr.datamodule"):
+        fitted = _datamodule(corpus, max_duration_s=10.0)  # 250 frames > the 100-frame budget
+    assert fitted.max_duration_s == 4.0 and "data.max_frames" in caplog.text
 
 
 class _CountingModule(L.LightningModule):
@@ -159,7 +161,7 @@ def test_skip_tally_sums_batches_and_resets():
     tally = SkipTally()
     tally.add("train", {"missing": 1, "corrupt": 0, "empty": 2, "too_long": 0})
     tally.add("train", {"missing": 1, "corrupt": 1, "empty": 0, "too_long": 0})
-    assert tally.report("train") == {"missing": 2, "corrupt": 1, "empty": 2, "too_long": 0}
+    assert tally.report("train") == {"missing": 2, "corrupt": 1, "truncated": 0, "empty": 2, "too_long": 0}
     assert sum(tally.report("train").values()) == 0
 
 
@@ -220,3 +222,108 @@ def test_frame_budget_batches_are_disjoint_across_two_ranks():
     assert clips[0] | clips[1] == set(range(301))
     with pytest.raises(ValueError, match="exceeds max_frames"):
         FrameBudgetBatchSampler([10, 300], max_frames=200)
+
+
+# ---- bad clips and bad text ------------------------------------------------------------------------
+
+
+def _faststart(mp4: bytes) -> bytes:
+    """Move the `moov` box before `mdat` (as `ffmpeg -movflags +faststart` does) and shift the chunk offsets,
+    so that a file cut short keeps its header and still opens: the truncated files seen in real corpora."""
+    boxes, i = [], 0
+    while i < len(mp4):
+        size = int.from_bytes(mp4[i : i + 4], "big")
+        boxes.append((mp4[i + 4 : i + 8], mp4[i : i + size]))
+        i += size
+    moov = bytearray(next(box for kind, box in boxes if kind == b"moov"))
+    at = moov.find(b"stco")
+    while at >= 0:
+        count = int.from_bytes(moov[at + 8 : at + 12], "big")
+        for entry in range(count):
+            start = at + 12 + 4 * entry
+            offset = int.from_bytes(moov[start : start + 4], "big")
+            moov[start : start + 4] = (offset + len(moov)).to_bytes(4, "big")
+        at = moov.find(b"stco", at + 4)
+    head = [box for kind, box in boxes if kind == b"ftyp"]
+    rest = [box for kind, box in boxes if kind not in (b"ftyp", b"moov")]
+    return b"".join(head) + bytes(moov) + b"".join(rest)
+
+
+def _one_clip_root(tmp_path, frames=50, manifest_frames=None, text="A WHOLE SENTENCE"):
+    _write_clip(tmp_path, "clips/a.mp4", frames, 0)
+    mp4 = tmp_path / "clips/a.mp4"
+    mp4.write_bytes(_faststart(mp4.read_bytes()))
+    row = ManifestRow("lrs3", "clips/a.mp4", manifest_frames or frames, text)
+    for split in ("train", "val", "test"):
+        write_manifest(tmp_path / f"labels/{split}.csv", [row])
+    return tmp_path
+
+
+def _val_outcome(root, **overrides):
+    datamodule = _datamodule(root, **overrides)
+    datamodule.setup("validate")
+    (batch,) = _all_batches(datamodule.val_dataloader())
+    return batch["ids"], {reason: n for reason, n in batch["skipped"].items() if n}
+
+
+def test_the_faststart_helper_keeps_a_whole_clip_good(tmp_path):
+    assert _val_outcome(_one_clip_root(tmp_path)) == (["clips/a.mp4"], {})
+
+
+def test_mp4_truncated_by_bytes_is_skipped_as_truncated(tmp_path):
+    root = _one_clip_root(tmp_path)
+    mp4 = root / "clips/a.mp4"
+    data = mp4.read_bytes()
+    mp4.write_bytes(data[: len(data) // 2])  # the header survives, half of the frames do not
+    assert _val_outcome(root) == ([], {"truncated": 1})
+    assert _val_outcome(root, modality="audio") == (["clips/a.mp4"], {})  # the wav is whole
+
+
+def test_clip_shorter_than_its_manifest_is_skipped_as_truncated(tmp_path):
+    root = _one_clip_root(tmp_path, frames=20, manifest_frames=50)  # header and decoder agree on 20
+    assert _val_outcome(root) == ([], {"truncated": 1})
+    assert _val_outcome(root, modality="audio") == ([], {"truncated": 1})
+    assert _val_outcome(_one_clip_root(tmp_path / "close", frames=49, manifest_frames=50)) == (
+        ["clips/a.mp4"],
+        {},
+    )  # a frame short is within the tolerance
+
+
+def test_wav_truncated_by_bytes_is_skipped_as_truncated(tmp_path):
+    root = _one_clip_root(tmp_path)
+    wav = root / "clips/a.wav"
+    data = wav.read_bytes()
+    wav.write_bytes(data[: len(data) // 2])
+    assert _val_outcome(root, modality="audio") == ([], {"truncated": 1})
+
+
+@pytest.mark.parametrize("text", ["...", " ?! , ", "--"])
+def test_punctuation_only_transcript_is_empty(tmp_path, text):
+    assert _val_outcome(_one_clip_root(tmp_path, text=text)) == ([], {"empty": 1})
+
+
+def test_strict_makes_bad_clips_fail_and_names_the_option(corpus, tmp_path):
+    datamodule = _datamodule(corpus, strict=True)
+    datamodule.setup("validate")
+    with pytest.raises(BadClipError, match="data.strict=false"):
+        _all_batches(datamodule.val_dataloader())
+    root = _one_clip_root(tmp_path)
+    mp4 = root / "clips/a.mp4"
+    mp4.write_bytes(mp4.read_bytes()[: mp4.stat().st_size // 2])
+    with pytest.raises(BadClipError, match="truncated"):
+        _val_outcome(root, strict=True)
+
+
+def test_too_long_clips_are_filtered_not_failed_under_strict(tmp_path):
+    root = _one_clip_root(tmp_path, frames=20, manifest_frames=80)  # 80 frames > max_duration_s=2.0
+    assert _val_outcome(root, strict=True) == ([], {"too_long": 1})
+
+
+def test_rejected_manifest_rows_appear_in_the_run_summary(corpus, tmp_path):
+    manifest = tmp_path / "val.csv"
+    good = (corpus / "labels/val.csv").read_text().splitlines()[0]
+    manifest.write_text(f"{good}\nlrs3,b.mp4,ten,WORLD\nlrs3,c.mp4\n")
+    datamodule = _datamodule(corpus, val_manifest=str(manifest))
+    datamodule.setup("validate")
+    lines = datamodule.summary_lines()
+    assert "data: manifest rows rejected: val 2 (rows 2, 3)" in lines

@@ -9,10 +9,10 @@ import torch
 from peft import PeftModel
 from torch.utils.data import DataLoader
 
+from models import segments as seg
 from models.avsr.projector import ModalityProjector
 from models.avsr.tiny import build_tiny_video_encoder, build_tiny_whisper_encoder
 from models.causal_lm import build_tiny_llama
-from recipes import segments as seg
 from recipes.avsr import AVSRRecipe
 from recipes.objectives.base import Objective, ObjectiveContext
 
@@ -182,3 +182,33 @@ def test_avsr_rejects_leaf_with_a_clear_error():
     teacher = build_tiny_llama(special_tokens=SPECIAL)
     with pytest.raises(ValueError, match="causal LM recipe"):
         build_recipe("audio", {"leaf": LeafDistillationObjective(teacher=teacher, teacher_dtype="fp32")})
+
+
+def test_avsr_rejects_meap_with_a_clear_error():
+    """objective=[meap] on an AVSR experiment: refused at start-up, naming the option (was a KeyError)."""
+    from recipes.objectives.meap import MeapObjective
+
+    with pytest.raises(ValueError, match=r"\['meap'\] rewrites token-id batches.*remove it from `objective`"):
+        build_recipe("audio", {"meap": MeapObjective(mode="sft")})
+
+
+def test_measuring_sinks_does_not_change_the_model(tmp_path):
+    """The probe runs the AVSR encoders too: in eval mode, with BatchNorm statistics untouched and every
+    submodule's train/eval flag restored."""
+    from types import SimpleNamespace
+
+    from diagnostics.callback import SinkDiagnosticsCallback
+
+    recipe = build_recipe("audiovisual")
+    recipe.train()
+    recipe.model.encoders["audio"].eval()  # a frozen encoder stays in eval mode after the probe
+    modes = {name: m.training for name, m in recipe.named_modules()}
+    stats = {k: v.clone() for k, v in recipe.state_dict().items() if "running_" in k or "num_batches" in k}
+    assert stats, "the tiny video encoder has BatchNorm layers"
+    callback = SinkDiagnosticsCallback(every_n_steps=0, plots=False, output_dir=str(tmp_path))
+    callback.probe_batch = make_batches("audiovisual", 1)[0]
+    trainer = SimpleNamespace(global_step=0, is_global_zero=False)
+    callback.measure(trainer, recipe)
+    after = recipe.state_dict()
+    assert all(torch.equal(after[k], v) for k, v in stats.items())
+    assert {name: m.training for name, m in recipe.named_modules()} == modes

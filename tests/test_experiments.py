@@ -8,8 +8,8 @@ from tests.hydra_utils import REPO, compose_train
 from train import train
 
 EXPERIMENTS = sorted(p.stem for p in (REPO / "conf" / "experiment").glob("*.yaml"))
-# Cluster-scale variants name hub models and LRS3 paths: they must compose; their smoke run swaps in tiny
-# models but still needs the real data root, so only the offline experiments run here.
+# Cluster-scale variants name hub models and LRS3 paths: they must compose here; their smoke run on a small
+# LRS3-layout folder is in tests/test_lrs3_layout.py.
 CLUSTER_ONLY = {name for name in EXPERIMENTS if name.endswith("_lrs3")}
 # Study experiments build a corpus of thousands of clips on first use: their smoke run builds a tiny one
 # (built-in sentences and voices) in the test's own folder.

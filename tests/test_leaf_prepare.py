@@ -65,7 +65,8 @@ def test_prepare_writes_originals_then_their_counterfactuals(tiny_lm_factory):
 
 def test_command_line_end_to_end(tmp_path, capsys):
     data, out = tmp_path / "rows.jsonl", tmp_path / "leaf.jsonl"
-    data.write_text("".join(json.dumps(r) + "\n" for r in ROWS[:2]))
+    lines = [json.dumps(ROWS[0]), '{"prompt": "cut off in the mid', json.dumps(ROWS[1])]
+    data.write_text("\n".join(lines) + "\n")  # one malformed line, as training meets them
     counts = leaf_prepare.main(
         [
             "--data",
@@ -84,6 +85,8 @@ def test_command_line_end_to_end(tmp_path, capsys):
     )
     written = [json.loads(line) for line in out.read_text().splitlines()]
     assert len(written) == counts["written"] == 2 + counts["counterfactual rows"]
+    assert counts["skipped: malformed JSON line"] == 1 and counts["rows"] == 2
+    assert all("_line" not in row for row in written)
     assert f"wrote {out}" in capsys.readouterr().out
     with pytest.raises(FileNotFoundError, match="--data"):
         leaf_prepare.main(["--data", str(tmp_path / "missing.jsonl"), "--out", str(out)])

@@ -45,6 +45,8 @@ def reference_causal(probs, positions, threshold=2.0, key_padding_mask=None):
             tau = threshold / len(idx)
             m = mean_row[idx] / mean_row[idx].sum()
             a = p[b, i, idx]
+            if tau >= 1:  # no probability can pass: not counted
+                continue
             total += cosine(m * (m > tau), a * (a > tau))
             count += 1
     return total / count if count else 0.0
@@ -131,12 +133,33 @@ def test_sampled_probs_equal_eager_probs_on_tiny_model(tiny_lm_factory):
     with torch.no_grad():
         eager = model(input_ids=ids, attention_mask=mask, output_attentions=True).attentions
     assert len(captured) == len(eager) == 2
+    real_rows = mask.bool()  # [B,T]: eager's rows of padded queries are not defined the same way
     for layer, probs in enumerate(eager):
         all_rows = sampled_attention_probs(captured[layer], torch.arange(12), mask)
         sampled = sampled_attention_probs(captured[layer], positions, mask)
+        # the recomputed probabilities themselves equal eager attention's, row by row
+        for b in range(2):
+            torch.testing.assert_close(
+                all_rows[b][:, real_rows[b]], probs[b][:, real_rows[b]], atol=1e-5, rtol=1e-4
+            )
+        torch.testing.assert_close(sampled[0], probs[0][:, positions], atol=1e-5, rtol=1e-4)
         kwargs = {"key_padding_mask": mask}
         expected = attention_diversity_loss(probs, **kwargs)
         assert attention_diversity_loss(all_rows, **kwargs).item() == pytest.approx(expected.item(), rel=1e-4)
         expected_rows = attention_diversity_loss(probs[:, :, positions], query_positions=positions, **kwargs)
         got_rows = attention_diversity_loss(sampled, query_positions=positions, **kwargs)
         assert got_rows.item() == pytest.approx(expected_rows.item(), rel=1e-4)
+
+
+def test_rows_that_cannot_pass_their_threshold_do_not_dilute_the_mean():
+    """Threshold 2: the row at position 1 sees 2 keys, tau = 1, and no probability can exceed 1."""
+    probs = torch.zeros(1, 1, 2, 8)
+    probs[0, 0, 0, :2] = 0.5  # row at position 1
+    probs[0, 0, 1, 0], probs[0, 0, 1, 1:] = 0.9, 0.1 / 7  # row at position 7, a BOS sink
+    positions = torch.tensor([1, 7])
+    mean_row = probs[0, 0].mean(0)  # both rows make the mean row; row 7 sees every key (sum 1)
+    tau = 2.0 / 8
+    by_hand = cosine(mean_row * (mean_row > tau), probs[0, 0, 1] * (probs[0, 0, 1] > tau))
+    value = attention_diversity_loss(probs, query_positions=positions)
+    assert value.item() == pytest.approx(by_hand, rel=1e-6)  # not by_hand / 2
+    assert attention_diversity_loss(probs[:, :, :1], query_positions=positions[:1]).item() == 0.0

@@ -98,3 +98,19 @@ def test_bf16_inputs_close_to_fp32():
     assert half.dtype == torch.float32
     assert half.item() == pytest.approx(full.item(), rel=3e-2)
     assert bos_cosines(states).shape == (3, 3, 16)
+
+
+def test_fp16_massive_bos_does_not_overflow():
+    """SmolLM2-like states in fp16: BOS feature near 24,500 and tokens sharing it, so |h0|.|ht| >> 65504."""
+    torch.manual_seed(0)
+    b, t, d = 2, 6, 64
+    states = torch.randn(3, b, t, d, dtype=torch.float64)
+    states[:, :, :, 7] += torch.linspace(300.0, 24500.0, t, dtype=torch.float64)  # massive feature 7
+    reference = bos_cosines([s for s in states])  # float64, layer 1 only (tuple of 3 -> layers 1..1)
+    half = [s.half().requires_grad_() for s in states]
+    cos = bos_cosines(half)
+    assert cos.dtype == torch.float32 and torch.isfinite(cos).all()
+    torch.testing.assert_close(cos.double(), reference, atol=2e-3, rtol=0)
+    loss = bos_decorrelation_loss(half, torch.ones(b, t, dtype=torch.bool))
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(half[1].grad).all()

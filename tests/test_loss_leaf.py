@@ -34,6 +34,19 @@ def test_constant_rows_do_not_divide_by_zero():
         confounder_scores(torch.ones(3), torch.ones(4))
 
 
+@pytest.mark.parametrize(
+    "teacher, student",
+    [
+        ([0.3, 1.2, 0.7, 2.0], [0.3, 1.2, 0.7, 2.0]),  # identical gradients
+        ([0.3, 1.2, 0.7, 2.0], [0.6, 2.4, 1.4, 4.0]),  # the same up to scale: min-max makes them tie
+        ([1.0, 1.0, 1.0, 1.0], [2.0, 2.0, 2.0, 2.0]),  # both flat
+    ],
+)
+def test_tied_teacher_and_student_mark_no_confounder(teacher, student):
+    scores = confounder_scores(torch.tensor(teacher), torch.tensor(student))
+    assert confounder_spans(scores, 0.1) == []  # not [(0, 4)], the whole prompt
+
+
 def test_spans_threshold_cap_and_protection():
     scores = torch.tensor([0.9, 0.0, 0.1, 0.8, 0.05, 0.7, 0.02, 0.03, 1.0, 0.6])
     # n=10, quantile 0.4 -> sorted[4] = 0.1; tokens <= 0.1: 1,2,4,6,7
@@ -43,7 +56,7 @@ def test_spans_threshold_cap_and_protection():
     assert confounder_spans(scores, 0.4, protected=protected) == [(1, 2), (4, 5), (7, 8)]
     assert confounder_spans(scores, 0.4, cap=0.04) == [(1, 2), (6, 8)]  # cap below the quantile
     assert confounder_spans(scores, 1.0, cap=1.0) == [(0, 10)]  # index clamped to n-1
-    assert confounder_spans(torch.tensor([0.0]), 0.1) == [(0, 1)]
+    assert confounder_spans(torch.tensor([0.0]), 0.1) == []  # one token singles nothing out
     assert confounder_spans(torch.tensor([]), 0.1) == []
 
 

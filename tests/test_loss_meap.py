@@ -3,9 +3,14 @@
 import pytest
 import torch
 
-from losses.meap import expected_mask_count, meap_mask
+from losses.meap import meap_mask
 
 MASK = 999
+
+
+def expected_mask_count(n_eligible: int, ratio: float) -> int:
+    """The documented count, written independently of the code: max(1, floor(ratio * n)), 0 when n = 0."""
+    return 0 if n_eligible == 0 else min(n_eligible, max(1, int(n_eligible * ratio)))
 
 
 def batch():

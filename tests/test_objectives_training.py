@@ -1,6 +1,7 @@
 """Each objective through the real recipe (CausalLMRecipe + Lightning) on a tiny LoRA Llama: its loss falls
 over a few dozen steps while cross-entropy stays finite. One fixed batch, so a drop is signal, not noise."""
 
+import logging
 from functools import partial
 
 import lightning as L
@@ -236,3 +237,26 @@ def test_window_normalisation_all_reduces_when_distributed(tmp_path):
         assert torch.equal(param.grad, torch.full((2,), 2.0))
     finally:
         torch.distributed.destroy_process_group()
+
+
+def _decorr_context(labels: torch.Tensor) -> ObjectiveContext:
+    h = torch.randn(labels.shape[0], labels.shape[1], 8)
+    return ObjectiveContext(
+        batch={"attention_mask": torch.ones_like(labels), "labels": labels},
+        logits=torch.zeros(*labels.shape, 2),
+        hidden_states=(h, h, h),
+    )
+
+
+def test_decorr_on_plain_text_lm_batches_names_the_option_instead_of_training_at_zero():
+    every_position_a_target = torch.arange(12).reshape(2, 6)  # data=text_lm: labels = input_ids
+    with pytest.raises(ValueError, match="objective.decorr.tokens=non_pad"):
+        BosDecorrelationObjective(tokens="input_side").loss(_decorr_context(every_position_a_target))
+    assert BosDecorrelationObjective(tokens="non_pad").loss(_decorr_context(every_position_a_target)) > 0
+
+
+def test_decorr_warns_when_a_batch_selects_nothing(caplog):
+    only_bos_prompt = torch.tensor([[-100, 5, 6, 7]])  # input side = position 0 alone, which never counts
+    with caplog.at_level(logging.WARNING, logger="recipes.objectives.decorr"):
+        loss = BosDecorrelationObjective(tokens="input_side").loss(_decorr_context(only_bos_prompt))
+    assert loss == 0 and "selected no position" in caplog.text

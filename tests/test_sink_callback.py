@@ -11,7 +11,7 @@ from lightning.pytorch.loggers import CSVLogger, Logger, WandbLogger
 from torch.utils.data import DataLoader
 
 from diagnostics.callback import SinkDiagnosticsCallback, _first_val_dataloader
-from recipes.segments import PROMPT
+from models.segments import PROMPT
 
 TEXTS = ["The cat sat on the mat.", "Dogs bark at night.", "Rain falls on the quiet town.", "Hello there."]
 

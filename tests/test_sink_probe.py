@@ -5,7 +5,7 @@ import torch
 
 from diagnostics import sink_metrics as sm
 from diagnostics.probe import measure_sinks
-from recipes.segments import PROMPT, TARGET
+from models.segments import PROMPT, TARGET
 
 TEXTS = ["The cat sat on the mat and looked at the door.", "A short one."]
 

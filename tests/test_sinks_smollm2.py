@@ -1,4 +1,4 @@
-"""The real SmolLM2-135M (offline GGUF wheel) shows the sinks recorded in /work/shared/ASSETS.md.
+"""The real SmolLM2-135M (offline GGUF wheel) shows the sinks recorded in docs/diagnostics.md.
 
 Part of the default suite: loading the real model takes about 15 s on 2 cores.
 """

@@ -22,6 +22,7 @@ from data.avsr.synthetic_corpus import (
     librivox_utterances,
 )
 from data.avsr.text_sources import builtin_sentences, clean_sentence, load_sentences
+from tests.hydra_utils import compose_train
 
 TINY = dict(num_train=3, num_val=1, num_test=1, seed=5)
 CONF = Path(__file__).resolve().parents[1] / "conf" / "data"
@@ -95,8 +96,8 @@ def test_ensure_is_idempotent_and_rebuilds_when_parameters_change(tmp_path):
 
 
 def test_synthetic_config_builds_on_first_use_and_loads_batches(tmp_path):
-    cfg = OmegaConf.create({"paths": {"artifacts_dir": str(tmp_path)}, "seed": 0})
-    cfg.data = OmegaConf.load(CONF / "synthetic_avsr.yaml")
+    cfg = compose_train(["data=synthetic_avsr", f"paths.artifacts_dir={tmp_path}", "seed=0"])
+    assert cfg.data.crop_size == 88 and cfg.data.strict  # inherited from conf/data/lrs3.yaml
     cfg.data.prepare.update(
         num_train=2, num_val=2, num_test=1, include_librivox=False, progress=False, workers=1
     )

@@ -35,8 +35,10 @@ class AVSRDataModule(L.LightningDataModule):
 
     modality: "audio" | "video" | "audiovisual"; the unused stream is never decoded.
     max_frames: padded-frame budget per batch (video frames at 25 fps, also for audio-only).
-    max_duration_s: longer clips are skipped ("too_long"); must fit the budget (25 * s <= max_frames).
-    strict: a bad manifest row raises with its row number; otherwise it is skipped with a warning.
+    max_duration_s: longer clips are skipped ("too_long"). A limit that does not fit the budget
+        (25 * s > max_frames) is lowered to max_frames / 25 with a warning: the batch budget wins.
+    strict: a bad manifest row raises with its row number and a bad clip (missing, corrupt, truncated,
+        empty) raises naming it; otherwise both are skipped, counted, warned about and listed in the summary.
     spm_model: SentencePiece model that decodes auto_avsr's token-id labels to text (null: labels are text).
     Augmentation (training only): random crop, video/audio time masks (window 0 disables), noise at an SNR
     from `noise_snr_db` with probability `noise_probability` (white noise, or excerpts of `noise_file`, or
@@ -77,10 +79,19 @@ class AVSRDataModule(L.LightningDataModule):
         if modality not in MODALITIES:
             raise ValueError(f"data.modality must be one of {MODALITIES}, got {modality!r}")
         if max_duration_s * VIDEO_FPS > max_frames:
-            raise ValueError(
-                f"data.max_duration_s={max_duration_s} ({max_duration_s * VIDEO_FPS:.0f} frames) does not fit "
-                f"data.max_frames={max_frames}: a single clip could exceed the batch budget"
+            # An experiment's batch budget (e.g. avsr_decorr's 400 frames for CPU) composed with a data group's
+            # clip limit (lrs3: 24 s = 600 frames): the budget, set later, wins and the limit follows it.
+            fitted = max_frames / VIDEO_FPS
+            log.warning(
+                "data.max_duration_s=%s (%.0f frames) does not fit data.max_frames=%d: clips longer than %.2f s "
+                "are skipped (too_long). Raise data.max_frames to at least %.0f to keep them.",
+                max_duration_s,
+                max_duration_s * VIDEO_FPS,
+                max_frames,
+                fitted,
+                max_duration_s * VIDEO_FPS,
             )
+            max_duration_s = fitted
         self.root = Path(root)
         self.manifests = {"train": train_manifest, "val": val_manifest, "test": test_manifest}
         self.modality, self.max_frames, self.num_workers = modality, max_frames, num_workers
@@ -139,7 +150,13 @@ class AVSRDataModule(L.LightningDataModule):
             self.bad_rows[split] = manifest.bad_rows
             video_transform, audio_transform = self._transforms(split)
             self.datasets[split] = AVSRDataset(
-                self.root, manifest.rows, self.modality, video_transform, audio_transform, self.max_duration_s
+                self.root,
+                manifest.rows,
+                self.modality,
+                video_transform,
+                audio_transform,
+                self.max_duration_s,
+                strict=self.strict,
             )
             log.info("%s: %d clips from %s", split, len(manifest.rows), path)
 
@@ -214,14 +231,24 @@ class AVSRDataModule(L.LightningDataModule):
         return batch
 
     def summary_lines(self) -> list[str]:
-        """Skipped clips of this process over the whole run, per stage, for the end-of-run summary."""
+        """Skipped clips of this process over the whole run, per stage, and manifest rows rejected at parse
+        time (strict=false), for the end-of-run summary."""
         if not self.skip_tally.run_totals:
-            return ["data: no clip skipped"]
-        parts = [
-            f"{stage} {sum(c.values())} ({', '.join(f'{r} {n}' for r, n in c.items() if n) or 'none'})"
-            for stage, c in sorted(self.skip_tally.run_totals.items())
-        ]
-        return ["data: clips skipped: " + "; ".join(parts)]
+            lines = ["data: no clip skipped"]
+        else:
+            parts = [
+                f"{stage} {sum(c.values())} ({', '.join(f'{r} {n}' for r, n in c.items() if n) or 'none'})"
+                for stage, c in sorted(self.skip_tally.run_totals.items())
+            ]
+            lines = ["data: clips skipped: " + "; ".join(parts)]
+        rejected = {split: rows for split, rows in sorted(self.bad_rows.items()) if rows}
+        if rejected:
+            parts = [
+                f"{split} {len(rows)} (rows {', '.join(str(n) for n, _ in rows[:10])}{', ...' if len(rows) > 10 else ''})"
+                for split, rows in rejected.items()
+            ]
+            lines.append("data: manifest rows rejected: " + "; ".join(parts))
+        return lines
 
     def report_skipped(self, stage: str) -> dict[str, int]:
         """Log and return the skipped-clip totals of `stage` since the last report (all ranks summed when a

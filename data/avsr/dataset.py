@@ -18,6 +18,7 @@ from data.avsr.media_io import (
     SAMPLES_PER_VIDEO_FRAME,
     VIDEO_FPS,
     MediaError,
+    MediaTruncated,
     read_audio,
     read_video,
 )
@@ -38,6 +39,21 @@ class AVSRClip:
     video: torch.Tensor | None = None
 
 
+class BadClipError(RuntimeError):
+    """A clip that cannot be used, raised instead of skipped when `data.strict=true`."""
+
+
+def has_words(text: str) -> bool:
+    """True when the transcript has a letter or digit (one of only punctuation or spaces is empty)."""
+    return any(character.isalnum() for character in text)
+
+
+def truncation_tolerance(frames: int) -> int:
+    """Frames a decoded clip may fall short of its manifest length: max(2, 5%) (decoders differ by a frame
+    or two; a clip cut short by a bad copy misses far more)."""
+    return max(2, round(0.05 * frames))
+
+
 def cut_or_pad(waveform: torch.Tensor, num_samples: int) -> torch.Tensor:
     """Trim or zero-pad [S] to exactly num_samples."""
     if waveform.numel() >= num_samples:
@@ -50,7 +66,11 @@ class AVSRDataset(Dataset):
 
     In "audiovisual" mode the audio is cut or padded to 640 samples per video frame (as auto_avsr does),
     so audio_lengths == 640 * video_lengths. Clips longer than `max_duration_s` (by the manifest or
-    after decoding) are skipped as "too_long".
+    after decoding) are skipped as "too_long". A clip whose decoded video or audio falls short of its
+    container header or of the manifest's `input_length` (more than `truncation_tolerance`) is skipped as
+    "truncated": training on half a clip with the whole transcript would teach the wrong alignment.
+    strict: a bad clip (missing, corrupt, truncated, empty) raises `BadClipError` instead of being skipped;
+    "too_long" is a length filter, never an error.
     """
 
     def __init__(
@@ -61,6 +81,7 @@ class AVSRDataset(Dataset):
         video_transform: Callable[[torch.Tensor], torch.Tensor],
         audio_transform: Callable[[torch.Tensor], torch.Tensor],
         max_duration_s: float,
+        strict: bool = False,
     ):
         if modality not in MODALITIES:
             raise ValueError(f"modality must be one of {MODALITIES}, got {modality!r}")
@@ -70,6 +91,7 @@ class AVSRDataset(Dataset):
         self.max_samples = int(max_duration_s * AUDIO_SAMPLE_RATE)
         self.uses_audio = modality in ("audio", "audiovisual")
         self.uses_video = modality in ("video", "audiovisual")
+        self.strict = strict
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -80,14 +102,34 @@ class AVSRDataset(Dataset):
         return [row.input_length for row in self.rows]
 
     def _skip(self, row: ManifestRow, reason: str, detail: str = "") -> ClipSkipped:
+        if self.strict and reason != "too_long":
+            raise BadClipError(
+                f"{row.rel_path} (manifest row {row.row_number}) is {reason}: {detail}. "
+                "Set data.strict=false to skip and count bad clips instead."
+            )
         level = logging.WARNING if reason in ("missing", "corrupt") else logging.DEBUG
         log.log(level, "skipping %s (manifest row %d): %s %s", row.rel_path, row.row_number, reason, detail)
         return ClipSkipped(reason, row.rel_path)
 
+    @staticmethod
+    def _shorter_than_manifest(
+        row: ManifestRow, audio: torch.Tensor | None, video: torch.Tensor | None
+    ) -> str:
+        """Why the decoded streams fall short of the manifest's length, or "" when they do not."""
+        least = row.input_length - truncation_tolerance(row.input_length)
+        if video is not None and video.shape[0] < least:
+            return f"decoded {video.shape[0]} video frames, the manifest says {row.input_length}"
+        if audio is not None and audio.numel() < least * SAMPLES_PER_VIDEO_FRAME:
+            return (
+                f"decoded {audio.numel() / SAMPLES_PER_VIDEO_FRAME:.1f} frames of audio, "
+                f"the manifest says {row.input_length}"
+            )
+        return ""
+
     def __getitem__(self, index: int) -> AVSRClip | ClipSkipped:
         row = self.rows[index]
-        if not row.text.strip():
-            return self._skip(row, "empty", "transcript")
+        if not has_words(row.text):
+            return self._skip(row, "empty", f"transcript {row.text!r}")
         if row.input_length > self.max_frames:
             return self._skip(row, "too_long", f"{row.input_length} frames in the manifest")
         paths = resolve_clip_paths(self.root, row)
@@ -100,6 +142,8 @@ class AVSRDataset(Dataset):
         try:
             audio = read_audio(paths.audio) if self.uses_audio else None
             video = read_video(paths.video) if self.uses_video else None
+        except MediaTruncated as error:
+            return self._skip(row, "truncated", str(error))
         except MediaError as error:
             return self._skip(row, "corrupt", str(error))
         if (audio is not None and audio.numel() == 0) or (video is not None and video.shape[0] == 0):
@@ -108,6 +152,9 @@ class AVSRDataset(Dataset):
             video is not None and video.shape[0] > self.max_frames
         ):
             return self._skip(row, "too_long", "after decoding")
+        short = self._shorter_than_manifest(row, audio, video)
+        if short:
+            return self._skip(row, "truncated", short)
         clip = AVSRClip(row.rel_path, row.text)
         if video is not None:
             try:

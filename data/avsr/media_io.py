@@ -29,6 +29,10 @@ class MediaError(RuntimeError):
     """A file exists but cannot be decoded."""
 
 
+class MediaTruncated(MediaError):
+    """A file decodes, but to fewer frames than its container header declares (e.g. cut short by a copy)."""
+
+
 def read_audio(path: Path) -> torch.Tensor:
     """Waveform as float32 [S] in [-1, 1] at 16 kHz (other rates resampled, channels averaged)."""
     try:
@@ -42,11 +46,16 @@ def read_audio(path: Path) -> torch.Tensor:
 
 
 def read_video(path: Path) -> torch.Tensor:
-    """Frames as uint8 [T, 3, H, W] RGB (T may be 0 for a container without frames)."""
+    """Frames as uint8 [T, 3, H, W] RGB (T may be 0 for a container without frames).
+
+    Raises `MediaTruncated` when decoding stops more than one frame before the frame count of the
+    container header (OpenCV stops without an error at the end of the data that is there).
+    """
     cv2 = _cv2()
     capture = cv2.VideoCapture(str(path))
     if not capture.isOpened():
         raise MediaError(f"cannot open video {path}")
+    declared = int(capture.get(cv2.CAP_PROP_FRAME_COUNT))  # 0 or -1 when the container does not say
     frames = []
     try:
         while True:
@@ -56,6 +65,10 @@ def read_video(path: Path) -> torch.Tensor:
             frames.append(cv2.cvtColor(frame, cv2.COLOR_BGR2RGB))
     finally:
         capture.release()
+    if declared > 0 and len(frames) + 1 < declared:
+        raise MediaTruncated(
+            f"video {path}: decoded {len(frames)} of the {declared} frames its header declares"
+        )
     if not frames:
         return torch.zeros(0, 3, 0, 0, dtype=torch.uint8)
     return torch.from_numpy(np.stack(frames)).permute(0, 3, 1, 2).contiguous()

@@ -11,7 +11,7 @@ from typing import NamedTuple
 import torch
 import torch.distributed as dist
 
-SKIP_REASONS = ("missing", "corrupt", "empty", "too_long")
+SKIP_REASONS = ("missing", "corrupt", "truncated", "empty", "too_long")
 
 log = logging.getLogger(__name__)
 

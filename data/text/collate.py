@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from data.text.sft import IGNORE_INDEX
+from models.segments import IGNORE_INDEX
 
 
 class PadCollator:

@@ -9,6 +9,7 @@ from torch.utils.data import Dataset
 
 from data.text.jsonl import SkipReport, read_jsonl
 from data.text.sft import to_messages, tokenize_chat
+from models.segments import IGNORE_INDEX
 
 log = logging.getLogger(__name__)
 
@@ -29,7 +30,7 @@ class SFTDataset(Dataset):
                     raise ValueError(f"{path}:{row['_line']}: {err}") from err
                 self.report.add(row["_line"], str(err))
                 continue
-            if all(label == -100 for label in example.labels):
+            if all(label == IGNORE_INDEX for label in example.labels):
                 self.report.add(row["_line"], f"no answer token left after truncation to {max_length}")
                 continue
             self.num_truncated += example.truncated

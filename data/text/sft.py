@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-IGNORE_INDEX = -100
+from models.segments import IGNORE_INDEX
 
 
 @dataclass
@@ -44,25 +44,40 @@ def tokenize_chat(tokenizer, messages: list[dict], max_length: int) -> Tokenized
     """Apply the chat template; only the final assistant turn is a target.
 
     The prompt is everything the template renders before the last assistant message (including the
-    assistant header), so the labels cover exactly the answer and its end-of-turn token.
+    assistant header), so the labels cover exactly the answer and its end-of-turn token. Tokenizers
+    without a chat template get "role: content" lines (`fallback_ids`). A sequence longer than
+    `max_length` is cut and, when it ended with EOS and an answer token survives, its last kept token
+    becomes EOS (as torchtune's `truncate` does): the model still learns to stop.
     """
-    prompt_ids = _template_ids(tokenizer, messages[:-1], add_generation_prompt=True)
-    full_ids = _template_ids(tokenizer, messages, add_generation_prompt=False)
-    if full_ids[: len(prompt_ids)] != prompt_ids:
-        raise ValueError("chat template is not prefix-stable; cannot locate the answer tokens")
+    if getattr(tokenizer, "chat_template", None):
+        prompt_ids = _template_ids(tokenizer, messages[:-1], add_generation_prompt=True)
+        full_ids = _template_ids(tokenizer, messages, add_generation_prompt=False)
+        if full_ids[: len(prompt_ids)] != prompt_ids:
+            raise ValueError("chat template is not prefix-stable; cannot locate the answer tokens")
+    else:
+        prompt_ids, answer_ids = fallback_ids(tokenizer, messages)
+        full_ids = prompt_ids + answer_ids
     labels = [IGNORE_INDEX] * len(prompt_ids) + full_ids[len(prompt_ids) :]
     truncated = len(full_ids) > max_length
-    return TokenizedExample(full_ids[:max_length], labels[:max_length], truncated)
+    ids, labels = full_ids[:max_length], labels[:max_length]
+    eos = tokenizer.eos_token_id
+    if truncated and eos is not None and eos in full_ids[len(prompt_ids) :] and len(prompt_ids) < max_length:
+        ids[-1] = labels[-1] = eos
+    return TokenizedExample(ids, labels, truncated)
 
 
 def _template_ids(tokenizer, messages, add_generation_prompt: bool) -> list[int]:
-    if getattr(tokenizer, "chat_template", None):
-        out = tokenizer.apply_chat_template(
-            messages, tokenize=True, add_generation_prompt=add_generation_prompt, return_dict=True
-        )
-        return list(out["input_ids"])
-    # No template: "role: content" lines, with the answer after "assistant: ".
-    text = "".join(f"{m['role']}: {m['content']}\n" for m in messages)
-    if add_generation_prompt:
-        text += "assistant: "
-    return tokenizer(text, add_special_tokens=False)["input_ids"]
+    out = tokenizer.apply_chat_template(
+        messages, tokenize=True, add_generation_prompt=add_generation_prompt, return_dict=True
+    )
+    return list(out["input_ids"])
+
+
+def fallback_ids(tokenizer, messages: list[dict]) -> tuple[list[int], list[int]]:
+    """(prompt ids, answer ids) without a chat template: "role: content" lines, then "assistant:"; the
+    answer is " <content>\n" and EOS. The two parts are tokenised apart, so the prompt is a prefix of the
+    whole whatever the tokenizer merges (a BPE tokenizer would merge "assistant: " + "Red" differently)."""
+    prompt = "".join(f"{m['role']}: {m['content']}\n" for m in messages[:-1]) + "assistant:"
+    answer = tokenizer(f" {messages[-1]['content']}\n", add_special_tokens=False)["input_ids"]
+    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    return tokenizer(prompt, add_special_tokens=False)["input_ids"], list(answer) + eos

@@ -12,8 +12,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from models import segments as seg
 from models.avsr.sequence import PackedSequence, Piece, pack_rows
-from recipes import segments as seg
 
 MODALITIES = {"audio": ("audio",), "video": ("video",), "audiovisual": ("audio", "video")}
 DEFAULT_DELIMITERS = {"audio": ("<audio>", "</audio>"), "video": ("<video>", "</video>")}

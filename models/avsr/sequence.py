@@ -3,7 +3,7 @@
 Each row is the concatenation of its own pieces with no holes: padded modality tokens are dropped before
 packing, so every row reads, e.g., BOS <audio> a_1..a_n </audio> prompt transcript EOS and only then
 padding (right padding for training; left padding for batched generation). Padding is masked in
-`attention_mask`, has segment PAD, and carries label -100, so it never enters attention or a loss.
+`attention_mask`, has segment PAD, and carries label IGNORE_INDEX (-100), so it never enters attention or a loss.
 """
 
 from __future__ import annotations
@@ -12,9 +12,8 @@ from dataclasses import dataclass
 
 import torch
 
-from recipes import segments as seg
-
-IGNORE_INDEX = -100
+from models import segments as seg
+from models.segments import IGNORE_INDEX
 
 
 @dataclass

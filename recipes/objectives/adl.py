@@ -1,4 +1,4 @@
-"""Attention Diversification Loss as a recipe objective (OBJECTIVES.md §2), on sampled query rows.
+"""Attention Diversification Loss as a recipe objective (docs/objectives.md), on sampled query rows.
 
 The main forward keeps SDPA/flash attention; the recipe captures post-RoPE queries/keys of
 `attention_layers` and this objective recomputes the probabilities of S sampled rows per layer

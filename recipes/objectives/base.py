@@ -32,7 +32,7 @@ class ObjectiveContext:
 
     batch: the (possibly transformed) batch; always has `attention_mask` [B,T] and `labels` [B,T]
         (-100 = no target; HF shifts internally), `input_ids` [B,T] for text recipes, and for AVSR
-        `segments` [B,T] long (see `recipes/segments.py`).
+        `segments` [B,T] long (see `models/segments.py`).
     logits: [B,T,V] student logits.
     hidden_states: HF tuple of L+1 tensors [B,T,D] (index 0 = embeddings, L = final normed state) or None.
     attention: layer index -> captured query [B,H,T,hd] / key [B,KV,T,hd].
@@ -54,6 +54,7 @@ class Objective:
     name: str = "objective"
     needs_hidden_states: bool = False
     reduction: str = "mean"
+    rewrites_token_ids: bool = False  # transform_batch edits `input_ids` (text recipes only)
 
     def __init__(self, weight: float = 1.0, warmup_steps: int = 0):
         if weight < 0:

@@ -1,20 +1,24 @@
-"""BOS decorrelation as a recipe objective (OBJECTIVES.md §1); the maths is `losses/decorrelation.py`."""
+"""BOS decorrelation as a recipe objective (docs/objectives.md); the maths is `losses/decorrelation.py`."""
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 
 import torch
 
 from losses.decorrelation import bos_cosines, bos_decorrelation_loss
+from models.segments import IGNORE_INDEX
 from recipes.objectives.base import Objective, ObjectiveContext
 
 TOKEN_SETS = ("input_side", "non_pad", "sinks")
 
+log = logging.getLogger(__name__)
+
 
 def input_side_mask(attention_mask: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """[B,T] bool: non-pad positions before the row's first target (labels != -100); whole row if none."""
-    is_target = labels != -100
+    is_target = labels != IGNORE_INDEX
     length = labels.shape[1]
     first_target = torch.where(
         is_target.any(1), is_target.int().argmax(1), torch.full_like(labels[:, 0], length)
@@ -81,4 +85,27 @@ class BosDecorrelationObjective(Objective):
             raise ValueError(
                 "decorr needs hidden states: the recipe must run the LLM with output_hidden_states"
             )
-        return bos_decorrelation_loss(ctx.hidden_states, self.token_mask(ctx), self._layers(ctx), self.margin)
+        mask = self.token_mask(ctx)
+        if not mask[:, 1:].any():
+            self._nothing_selected(ctx)
+        return bos_decorrelation_loss(ctx.hidden_states, mask, self._layers(ctx), self.margin)
+
+    def _nothing_selected(self, ctx: ObjectiveContext) -> None:
+        """No position t >= 1 selected in the whole batch: the loss would be 0. Raise when that is structural
+        (input_side on data where every real position is a target, e.g. data=text_lm), warn otherwise."""
+        real = ctx.batch["attention_mask"].bool()
+        every_position_is_a_target = bool((ctx.batch["labels"] != IGNORE_INDEX)[real].all())
+        if self.tokens == "input_side" and every_position_is_a_target:
+            raise ValueError(
+                "decorr with tokens=input_side selects nothing: every position of the batch is a target "
+                "(plain-text LM data such as data=text_lm has no input side), so the loss would stay 0. "
+                "Set objective.decorr.tokens=non_pad (or tokens=sinks)."
+            )
+        self.empty_batches = getattr(self, "empty_batches", 0) + 1
+        if self.empty_batches == 1 or self.empty_batches % 100 == 0:
+            log.warning(
+                "decorr (tokens=%s) selected no position in this batch: its loss is 0 for this step "
+                "(%d such batches so far)",
+                self.tokens,
+                self.empty_batches,
+            )

@@ -1,4 +1,4 @@
-"""LeaF stage 2 as a recipe objective (OBJECTIVES.md §4): distil a frozen teacher into the student.
+"""LeaF stage 2 as a recipe objective (docs/objectives.md): distil a frozen teacher into the student.
 
 Token normalisation across gradient accumulation and ranks: `loss` returns the SUM of the per-token KL
 (`reduction = "sum"`); the recipe divides the gradients by the number of target tokens of the whole

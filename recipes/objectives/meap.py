@@ -1,4 +1,4 @@
-"""MEAP as a recipe objective (OBJECTIVES.md §3): it changes the data; cross-entropy does the learning.
+"""MEAP as a recipe objective (docs/objectives.md): it changes the data; cross-entropy does the learning.
 
 `setup` adds a `[MASK]` special token and resizes the embeddings; the recipe keeps that row trainable
 under LoRA (peft `trainable_token_indices`, saved with the adapter). `transform_batch` masks the batch:
@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import torch
 
-from losses.meap import IGNORE_INDEX, MODES, meap_mask
+from losses.meap import MODES, meap_mask
+from models.segments import IGNORE_INDEX
 from recipes.objectives.base import Objective, ObjectiveContext
 
 DEFAULT_RATIO = {"pretrain": 0.15, "sft": 0.1}
@@ -51,6 +52,7 @@ class MeapObjective(Objective):
     """
 
     name = "meap"
+    rewrites_token_ids = True
 
     def __init__(
         self,
