@@ -2,7 +2,8 @@
 
 An arm is a named list of Hydra overrides. Each runs in `<study_dir>/<arm>/` (its Hydra run folder), so a
 rerun of the study skips arms whose `results.json` exists and resumes unfinished ones from their
-checkpoints (`ckpt_path=auto`). With N visible GPUs, N arms run at once (CUDA_VISIBLE_DEVICES pins each);
+checkpoints (`ckpt_path=auto`). With N visible GPUs, N arms run at once (CUDA_VISIBLE_DEVICES pins each; UNSINK_ARMS_PER_GPU=k runs k per
+GPU, for launch-bound small models);
 on a CPU machine they run one after another. A failed arm is reported with its log's tail; the others
 still run, and `run_arms` raises at the end naming every failure.
 """
@@ -65,23 +66,24 @@ def run_arms(
     if len(set(names)) != len(names):
         raise ValueError(f"arm names must be unique: {names}")
     slots = gpus if gpus is not None else visible_gpus()
-    slots = slots or [None]  # CPU: one at a time
+    per_gpu = max(1, int(os.environ.get("UNSINK_ARMS_PER_GPU", "1")))  # small models are launch-bound
+    slots = [g for _ in range(per_gpu) for g in slots] or [None]  # CPU: one at a time
     pending = [a for a in arms if arm_results(study_dir, a) is None]
     for arm in arms:
         if arm not in pending:
             print(f"[study] {arm.name}: finished earlier, skipped", flush=True)
-    running: dict[str | None, tuple[Arm, subprocess.Popen, float]] = {}
+    running: dict[int, tuple[Arm, subprocess.Popen, float]] = {}  # by slot index (a GPU may hold several)
     failed: list[str] = []
     while pending or running:
-        for slot in slots:
-            if slot not in running and pending:
+        for index, slot in enumerate(slots):
+            if index not in running and pending:
                 arm = pending.pop(0)
-                running[slot] = (arm, _launch(arm, study_dir, slot, entry, python), time.time())
+                running[index] = (arm, _launch(arm, study_dir, slot, entry, python), time.time())
         time.sleep(1.0)
-        for slot, (arm, proc, start) in list(running.items()):
+        for index, (arm, proc, start) in list(running.items()):
             if proc.poll() is None:
                 continue
-            del running[slot]
+            del running[index]
             took = time.time() - start
             if proc.returncode == 0 and arm_results(study_dir, arm) is not None:
                 print(f"[study] {arm.name}: done in {took:.0f} s", flush=True)
