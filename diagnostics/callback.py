@@ -123,6 +123,7 @@ class SinkDiagnosticsCallback(Callback):
         layer_bands: {name: [first, last]} layer bands (inclusive, last null = to the end) for the
             intermediate-sink numbers, e.g. SmolLM2's early/middle layers 1-8 vs the late ones; None = all.
         num_bos_features: how many of BOS's largest features count as its massive features.
+        max_intermediate_candidates: positions per layer whose received attention is recomputed.
 
     The first measurement (normally step 0) and the intermediate sinks it found are callback state: saved
     in checkpoints, so that a resumed run still tracks the step-0 sinks and prints step-0 "before" numbers.
@@ -142,6 +143,7 @@ class SinkDiagnosticsCallback(Callback):
         chunk_size: int = 256,
         layer_bands: dict | None = None,
         num_bos_features: int = 1,
+        max_intermediate_candidates: int = 64,
     ):
         self.every_n_steps = every_n_steps
         self.probe_batch_size = probe_batch_size
@@ -153,6 +155,7 @@ class SinkDiagnosticsCallback(Callback):
             intermediate_cosine_threshold=intermediate_cosine_threshold,
             intermediate_attention_threshold=intermediate_attention_threshold,
             num_bos_features=num_bos_features,
+            max_intermediate_candidates=max_intermediate_candidates,
         )
         self.layer_bands = {k: list(v) for k, v in layer_bands.items()} if layer_bands else None
         self.plots = plots

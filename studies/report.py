@@ -64,13 +64,18 @@ def load_arm(path: str | Path, name: str | None = None) -> ArmOutputs:
     )
 
 
-def fmt(value: float | None, digits: int = 3) -> str:
-    """Number for a table: n/a for None/nan, thousands separators for large values."""
+def fmt(value: float | None, digits: int = 3, unit: str = "") -> str:
+    """Number for a table (followed by unit): n/a for None/nan, thousands separators for large values."""
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "n/a"
     if abs(value) >= 1000:
-        return f"{value:,.0f}"
-    return f"{value:.{digits}f}"
+        return f"{value:,.0f}{unit}"
+    return f"{value:.{digits}f}{unit}"
+
+
+def times(value: float) -> str:
+    """A ratio as '0.42x' (n/a for nan)."""
+    return fmt(value, 2, "x")
 
 
 def percent_change(value: float, reference: float) -> float:
@@ -78,6 +83,13 @@ def percent_change(value: float, reference: float) -> float:
     if reference is None or value is None or math.isnan(reference) or math.isnan(value) or reference == 0:
         return float("nan")
     return 100.0 * (value / reference - 1.0)
+
+
+def ratio(value: float, reference: float) -> float:
+    """value / reference; nan when the reference is 0 or nan."""
+    if reference is None or value is None or math.isnan(reference) or reference == 0:
+        return float("nan")
+    return value / reference
 
 
 def markdown_table(headers: list[str], rows: list[list[str]]) -> str:
