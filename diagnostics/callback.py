@@ -42,6 +42,8 @@ from diagnostics.report import (
 
 log = logging.getLogger(__name__)
 SEGMENT_METRICS = ("bos_cosine", "first_token_attention")
+# first line of `summary_lines`; harness/summary.py moves this block to the top of the run summary
+SUMMARY_HEADER = "sinks on the probe batch"
 # sinks.json key -> W&B name under sinks/intermediate/
 INTERMEDIATE_LOG_NAMES = {
     **{metric: metric.removeprefix("intermediate_sink_") for metric in INTERMEDIATE_METRICS},
@@ -247,11 +249,12 @@ class SinkDiagnosticsCallback(Callback):
             _log_wandb_images(trainer, paths, step)
 
     def summary_lines(self) -> list[str]:
-        """Before/after sink numbers for the end-of-run summary (empty before any measurement)."""
+        """Before/after sink numbers for the end-of-run summary (empty before any measurement): the header,
+        the one-line fate of the step-0 sinks, then the table (lines starting with "|")."""
         if self.first is None or self.last is None:
             return []
         (first_step, before), (last_step, after) = self.first, self.last
-        header = f"sinks on the probe batch: step {first_step} -> step {last_step}"
+        header = f"{SUMMARY_HEADER}: step {first_step} -> step {last_step}"
         table = before_after_lines(before, after, self.layers_to_log, self.layer_bands)
         return [header, tracked_headline(before, after), *table]
 

@@ -253,37 +253,52 @@ def band_lines(sinks: dict, bands: dict | None) -> list[str]:
     return lines
 
 
+def segment_band_mean(sinks: dict, segment: str, metric: str, layers: list[int]) -> float:
+    """Mean over `layers` of a per-segment metric (`by_segment[segment][metric]`), nan values left out."""
+    values = [
+        float(row.get("by_segment", {}).get(segment, {}).get(metric, float("nan")))
+        for row in sinks["layers"]
+        if row["layer"] in layers
+    ]
+    values = [v for v in values if not math.isnan(v)]
+    return sum(values) / len(values) if values else float("nan")
+
+
 def before_after_lines(
     before: dict, after: dict, layers: list[int] | None = None, bands: dict | None = None
 ) -> list[str]:
-    """Markdown table of two sinks.json dicts (e.g. start vs end of training): first what the objectives move
-    (intermediate sinks by layer band, attention to the step-0 sinks), then the position-0 metrics."""
+    """Markdown table of two sinks.json dicts (e.g. start vs end of training). First what the decorrelation
+    objective is meant to move, per layer band: intermediate sinks, attention to the step-0 sinks, BOS cosine,
+    and per segment (AVSR: audio, video, prompt, transcript) the intermediate sinks; then the position-0
+    metrics (first-token attention, sink rate, max/median |h|), mean over layers and at `layers`."""
     lines = ["| sink metric | before | after |", "|---|---:|---:|"]
-    rows = [
-        (metric, name, group)
-        for name, group in band_layers(before, bands).items()
-        for metric in INTERMEDIATE_METRICS
-    ]
-    rows += [
-        (metric, name, group)
-        for name, group in band_layers(before, bands).items()
-        for metric in TRACKED_METRICS[:2]
-    ]
-    for metric, name, group in rows:
-        lines.append(
-            f"| {METRIC_LABELS[metric]}, layers {name} ({group[0]}-{group[-1]}) "
-            f"| {format_number(layer_mean(before, metric, group))} | {format_number(layer_mean(after, metric, group))} |"
-        )
+
+    def add(label: str, first: float, last: float) -> None:
+        lines.append(f"| {label} | {format_number(first)} | {format_number(last)} |")
+
+    groups = band_layers(before, bands)
+    for metric in (*INTERMEDIATE_METRICS, *TRACKED_METRICS[:2], "bos_cosine"):
+        for name, group in groups.items():
+            label = f"{METRIC_LABELS[metric]}, layers {name} ({group[0]}-{group[-1]})"
+            add(label, layer_mean(before, metric, group), layer_mean(after, metric, group))
+    segments = sorted({name for row in before["layers"] for name in row.get("by_segment", {})})
+    for segment in segments:
+        for metric in ("intermediate_sink_count", "intermediate_sink_attention"):
+            for name, group in groups.items():
+                label = f"{METRIC_LABELS[metric]}, {segment} tokens, layers {name}"
+                add(
+                    label,
+                    segment_band_mean(before, segment, metric, group),
+                    segment_band_mean(after, segment, metric, group),
+                )
     for metric in LAYER_METRICS:
         label = METRIC_LABELS[metric]
-        lines.append(
-            f"| {label}, mean over layers | {format_number(layer_mean(before, metric))} "
-            f"| {format_number(layer_mean(after, metric))} |"
-        )
+        add(f"{label}, mean over layers", layer_mean(before, metric), layer_mean(after, metric))
         for layer in layers or []:
-            lines.append(
-                f"| {label}, layer {layer} | {format_number(layer_value(before, layer, metric))} "
-                f"| {format_number(layer_value(after, layer, metric))} |"
+            add(
+                f"{label}, layer {layer}",
+                layer_value(before, layer, metric),
+                layer_value(after, layer, metric),
             )
     return lines
 

@@ -76,11 +76,12 @@ def build_arms(args: argparse.Namespace) -> list[Arm]:
         "logger=csv",
         "export_merged=false",
     ]
+    if args.val_batches is not None:
+        common.append(f"++trainer.limit_val_batches={args.val_batches}")
     if args.smoke:
         common += [
             "debug=smoke",
             "trainer.limit_train_batches=null",
-            "trainer.limit_val_batches=2",
             f"data.prepare.out_dir={Path(args.out).resolve() / 'corpus'}",
             "data.prepare.max_words=20000",
             "data.prepare.max_eval_words=2000",
@@ -270,6 +271,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seq-len", type=int, default=None, help="tokens per block (default 256; smoke 64)")
     parser.add_argument("--trainer", default="gpu", help="trainer config group (default gpu)")
     parser.add_argument("--precision", default="bf16-mixed")
+    parser.add_argument(
+        "--val-batches",
+        type=int,
+        default=None,
+        help="validation batches per check (default: all held-out text)",
+    )
     parser.add_argument("--smoke", action="store_true", help="tiny random model on CPU, a few steps")
     parser.add_argument("--report-only", action="store_true", help="only (re)write the report")
     args = parser.parse_args(argv)
@@ -278,6 +285,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.steps = args.steps or 4
         args.batch_size = args.batch_size or 2
         args.seq_len = args.seq_len or 64
+        args.val_batches = args.val_batches or 2
         args.weights = args.weights[:1]
         args.bands = TINY_BANDS
     else:

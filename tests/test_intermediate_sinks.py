@@ -114,3 +114,23 @@ def test_bands_tracked_change_and_headline():
     assert metrics["sinks/intermediate/tracked_attention_change_pct"] == pytest.approx(-75.0)
     assert metrics["sinks/intermediate/count/layer_1"] == pytest.approx(0.1)
     assert "sinks/intermediate/count/layer_2" not in metrics
+
+
+def test_run_summary_leads_with_the_sink_block():
+    from types import SimpleNamespace
+
+    from harness.summary import TrainLossHistory, summary_lines
+
+    extra = [
+        "exported: adapter -> x",
+        "sinks on the probe batch: step 0 -> step 9",
+        "the 3 sinks...",
+        "| a |",
+        "| b |",
+    ]
+    extra.append("data: 0 unusable line(s) skipped")
+    lines = summary_lines(
+        {}, {"val/loss": 1.0}, TrainLossHistory(), "run", SimpleNamespace(global_step=9), extra
+    )
+    assert lines[5:9] == extra[1:5]  # right after the "steps:" line
+    assert lines[9].startswith("train/loss") and lines[-3:-1] == [extra[0], extra[5]]
