@@ -13,7 +13,7 @@ import torch
 
 from diagnostics import sink_metrics as sm
 from diagnostics.report import LayerSinks, SinkReport
-from models.attention_capture import QueryKeyCapture, attention_to_keys
+from models.attention_capture import QueryKeyCapture, sampled_attention_probs
 from recipes.segments import NAMES as SEGMENT_NAMES
 from recipes.segments import PAD
 
@@ -125,9 +125,10 @@ def measure_sinks(
             )
         )
         keys = torch.cat([torch.tensor(fixed_keys, device=candidates.device), extra_keys])
-        attention = attention_to_keys(
-            captured.pop(layer), keys.to(hidden.device), valid.long(), True, chunk_size
+        attention, entropy = _attention_to_keys_and_entropy(
+            captured.pop(layer), keys.to(hidden.device), valid, chunk_size
         )
+        entropy_nats, entropy_normalised = sm.attention_entropy(entropy, valid)
         per_head = sm.first_token_attention_per_head(attention[..., 0], valid)
         massive = sm.massive_activation(hidden, valid)
         received = sm.received_attention(attention[..., len(fixed_keys) :], extra_keys, valid)  # [B,P]
@@ -180,6 +181,8 @@ def measure_sinks(
                 by_segment=by_segment,
                 **{f"intermediate_sink_{k}": v for k, v in sinks.items()},
                 bos_massive_features=features.tolist(),
+                attention_entropy=entropy_nats,
+                attention_entropy_normalized=entropy_normalised,
                 **{f"tracked_sink_{k}": v for k, v in tracked_numbers.items() if k != "activation_ratio"},
             )
         )
@@ -197,6 +200,21 @@ def measure_sinks(
         sink_eps=sink_eps,
         intermediate_sinks=sorted(found.values(), key=lambda s: (s["sample"], s["position"])),
     )
+
+
+def _attention_to_keys_and_entropy(captured, keys: torch.Tensor, valid: torch.Tensor, chunk_size: int):
+    """Like `attention_to_keys`, streamed over query chunks, plus each query row's entropy.
+
+    Returns ([B,H,T,P] attention to `keys`, [B,H,T] entropy -sum p log p in nats; 0 for rows with no key)."""
+    q_len = captured.query.shape[2]
+    device = captured.query.device
+    selected, entropies = [], []
+    for start in range(0, q_len, chunk_size):
+        positions = torch.arange(start, min(start + chunk_size, q_len), device=device)
+        probs = sampled_attention_probs(captured, positions, valid.long(), True)  # [B,H,S,T]
+        selected.append(probs.index_select(-1, keys))
+        entropies.append(-(probs * probs.clamp_min(1e-30).log()).sum(-1))
+    return torch.cat(selected, dim=2), torch.cat(entropies, dim=2)
 
 
 def _tracked_pairs(tracked_sinks, layer: int, valid: torch.Tensor) -> list[tuple[int, int]]:

@@ -40,6 +40,8 @@ METRIC_LABELS = {
     "tracked_sink_attention": "attention to the step-0 sinks",
     "tracked_sink_max_activation": "step-0 sinks' max abs h on BOS's features",
     "tracked_sink_bos_cosine": "step-0 sinks' cosine to BOS",
+    "attention_entropy": "attention entropy (nats)",
+    "attention_entropy_normalized": "attention entropy / log(keys)",
     "first_token_attention": "first-token attention",
     "sink_rate": "sink rate (%)",
     "activation_ratio": "max/median abs h",
@@ -79,6 +81,9 @@ class LayerSinks:
     tracked_sink_attention: float = 0.0
     tracked_sink_bos_cosine: float = float("nan")
     tracked_sink_max_activation: float = float("nan")
+    # mean attention entropy over heads and queries q > 0 (nats; normalised: / log(q + 1), 1 = uniform)
+    attention_entropy: float = float("nan")
+    attention_entropy_normalized: float = float("nan")
 
 
 @dataclass

@@ -11,6 +11,8 @@ token it is). Definitions (also in docs/diagnostics.md):
 - massive activation (Sun et al.): largest |h| over valid tokens and features, with its position and
   feature, and its ratio to the median |h| over the same entries.
 - BOS cosine: mean of cos(h[0], h[t]) over valid t >= 1.
+- attention entropy: mean over heads and valid queries q > 0 of -sum_k p log p (nats), and the same
+  divided by log(q + 1) (1 = uniform attention over the visible keys).
 - intermediate sinks: positions t > 0 with a high cosine to BOS (> 0.8) that receive high attention (mean
   over heads and over the queries after them > 0.2); per layer their count per sequence, summed received
   attention per sequence, mean cosine to BOS, and the largest |h| at t >= 1 on BOS's massive features.
@@ -247,3 +249,18 @@ def sink_summary(
         "attention": float((received.float() * flagged).sum()) / n,
         "bos_cosine": float(key_cosine[flagged].float().mean()) if flagged.any() else float("nan"),
     }
+
+
+def attention_entropy(entropy: torch.Tensor, valid: torch.Tensor) -> tuple[float, float]:
+    """Mean attention entropy over heads and valid queries q > 0, in nats and normalised by log(q + 1).
+
+    entropy [B,H,T]: -sum_k p log p of each query row; query q sees q + 1 keys (right padding), so
+    log(q + 1) is its largest possible entropy (uniform attention) and the normalised value is in [0, 1].
+    """
+    queries = query_positions_mask(valid, 1)
+    if not queries.any():
+        return float("nan"), float("nan")
+    positions = torch.arange(valid.shape[1], device=valid.device, dtype=torch.float32)
+    per_query = entropy.float().mean(1)  # [B,T] mean over heads
+    normalised = per_query / torch.log(positions + 1.0).clamp_min(1e-12)[None, :]
+    return float(per_query[queries].mean()), float(normalised[queries].mean())

@@ -61,6 +61,14 @@ def test_tracked_sinks_report_eager_attention_to_their_positions(tiny_lm_factory
         queries[: position + 1] = False
         return float(probs[queries].sum() / queries.sum())
 
+    for row, probs in zip(report.layers, eager.attentions):  # attention entropy against eager attention
+        queries = valid.clone()
+        queries[:, 0] = False
+        rows = -(probs * probs.clamp_min(1e-30).log()).sum(-1).mean(1)  # [B,T]
+        assert row.attention_entropy == pytest.approx(float(rows[queries].mean()), abs=1e-4)
+        positions = torch.arange(valid.shape[1], dtype=torch.float32)
+        normalised = rows / torch.log(positions + 1).clamp_min(1e-12)
+        assert row.attention_entropy_normalized == pytest.approx(float(normalised[queries].mean()), abs=1e-4)
     layer0, layer1 = report.layer(0), report.layer(1)
     assert layer0.tracked_sink_count == pytest.approx(0.5) and layer1.tracked_sink_count == pytest.approx(1.0)
     assert layer0.tracked_sink_attention == pytest.approx(received(0, 1, 1) / 2, abs=1e-5)
