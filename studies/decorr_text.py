@@ -42,11 +42,10 @@ from studies.report import (  # noqa: E402
     times,
     write_report,
 )
+from studies.text_lm import add_common_options, common_overrides, finish_common_options  # noqa: E402
 
 BASELINE = "baseline"
 EARLY_BAND = "early_middle"
-SMOLLM2_BANDS = "{early_middle:[1,8],late:[9,null]}"
-TINY_BANDS = "{early_middle:[0,0],late:[1,null]}"
 GOAL_FALL = 0.5  # tracked attention and activation at most half the baseline arm's
 GOAL_PPL_PERCENT = 5.0
 
@@ -58,38 +57,7 @@ def arm_name(weight: float) -> str:
 def build_arms(args: argparse.Namespace) -> list[Arm]:
     """The baseline and one decorrelation arm per weight; only the objective differs between them."""
     steps = args.steps
-    every = max(1, steps // 10)
-    common = [
-        "data=pd_text",
-        f"seed={args.seed}",
-        f"trainer.max_steps={steps}",
-        "trainer.max_epochs=-1",
-        "trainer.check_val_every_n_epoch=null",
-        f"trainer.val_check_interval={max(1, steps // 4)}",
-        f"trainer.log_every_n_steps={max(1, min(10, steps // 20))}",
-        f"data.batch_size={args.batch_size}",
-        f"data.eval_batch_size={args.batch_size}",
-        f"data.max_length={args.seq_len}",
-        f"callbacks.sink_diagnostics.every_n_steps={every}",
-        f"callbacks.sink_diagnostics.layer_bands={args.bands}",
-        "callbacks.sink_diagnostics.plots=false",
-        "logger=csv",
-        "export_merged=false",
-    ]
-    if args.val_batches is not None:
-        common.append(f"++trainer.limit_val_batches={args.val_batches}")
-    if args.smoke:
-        common += [
-            "debug=smoke",
-            "trainer.limit_train_batches=null",
-            f"data.prepare.out_dir={Path(args.out).resolve() / 'corpus'}",
-            "data.prepare.max_words=20000",
-            "data.prepare.max_eval_words=2000",
-            "data.prepare.val_percent=5",
-            "data.prepare.test_percent=5",
-        ]
-    else:
-        common += [f"trainer={args.trainer}", f"trainer.precision={args.precision}"]
+    common = common_overrides(args)
     arms = [Arm(BASELINE, ["experiment=lm_sft", *common, "task_name=decorr_text_baseline"])]
     for weight in args.weights:
         arms.append(
@@ -259,42 +227,12 @@ def _yes(value: bool) -> str:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument(
-        "--out", default=None, help="study folder (default outputs/studies/decorr_text[_smoke])"
-    )
-    parser.add_argument(
-        "--steps", type=int, default=None, help="optimizer steps per arm (default 1000; smoke 4)"
-    )
+    add_common_options(parser)
     parser.add_argument("--weights", default="10,100,1000", help="decorrelation weights, comma-separated")
-    parser.add_argument("--seed", type=int, default=42)
-    parser.add_argument("--batch-size", type=int, default=None, help="default 32 (smoke 2)")
-    parser.add_argument("--seq-len", type=int, default=None, help="tokens per block (default 256; smoke 64)")
-    parser.add_argument("--trainer", default="gpu", help="trainer config group (default gpu)")
-    parser.add_argument("--precision", default="bf16-mixed")
-    parser.add_argument(
-        "--val-batches",
-        type=int,
-        default=None,
-        help="validation batches per check (default: all held-out text)",
-    )
-    parser.add_argument("--smoke", action="store_true", help="tiny random model on CPU, a few steps")
-    parser.add_argument("--report-only", action="store_true", help="only (re)write the report")
-    args = parser.parse_args(argv)
+    args = finish_common_options(parser.parse_args(argv), "decorr_text")
     args.weights = [float(w) for w in args.weights.split(",") if w.strip()]
     if args.smoke:
-        args.steps = args.steps or 4
-        args.batch_size = args.batch_size or 2
-        args.seq_len = args.seq_len or 64
-        args.val_batches = args.val_batches or 2
         args.weights = args.weights[:1]
-        args.bands = TINY_BANDS
-    else:
-        args.steps = args.steps or 1000
-        args.batch_size = args.batch_size or 32
-        args.seq_len = args.seq_len or 256
-        args.bands = SMOLLM2_BANDS
-    default_out = "outputs/studies/decorr_text" + ("_smoke" if args.smoke else "")
-    args.out = str(Path(args.out or REPO_ROOT / default_out).resolve())
     return args
 
 
