@@ -41,7 +41,13 @@ from studies.report import (  # noqa: E402
     percent_change,
     write_report,
 )
-from studies.text_lm import add_common_options, common_overrides, corpus_dir, finish_common_options  # noqa: E402
+from studies.text_lm import (  # noqa: E402
+    add_common_options,
+    common_overrides,
+    corpus_dir,
+    finish_common_options,
+    prepare_corpus,
+)
 
 BASELINE = "baseline"
 NOISE_RATES = (0.0, 0.1, 0.25)
@@ -277,6 +283,7 @@ def main(argv: list[str] | None = None) -> Path:
     arms = build_arms(args)
     out = Path(args.out)
     if not args.report_only:
+        prepare_corpus(args)
         run_arms(arms, out)
     noise_file = out / "noise_robustness.json"
     noise = json.loads(noise_file.read_text()) if noise_file.exists() else {}

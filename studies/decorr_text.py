@@ -42,7 +42,12 @@ from studies.report import (  # noqa: E402
     times,
     write_report,
 )
-from studies.text_lm import add_common_options, common_overrides, finish_common_options  # noqa: E402
+from studies.text_lm import (  # noqa: E402
+    add_common_options,
+    common_overrides,
+    finish_common_options,
+    prepare_corpus,
+)
 
 BASELINE = "baseline"
 EARLY_BAND = "early_middle"
@@ -241,6 +246,7 @@ def main(argv: list[str] | None = None) -> Path:
     arms = build_arms(args)
     out = Path(args.out)
     if not args.report_only:
+        prepare_corpus(args)
         run_arms(arms, out)
     return report(out, [arm.name for arm in arms])
 

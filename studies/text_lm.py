@@ -90,6 +90,32 @@ def common_overrides(args: argparse.Namespace) -> list[str]:
     return overrides
 
 
+def prepare_corpus(args: argparse.Namespace) -> Path:
+    """Build the arms' corpus once, before they start (parallel arms would race to write it).
+
+    Outside smoke mode, a corpus that fell back to generated text (no Debian text package here) is an
+    error: copy `artifacts/data/pd_text` from a machine that has them (docs/diagnostics.md)."""
+    import json
+
+    from data.text.public_domain_corpus import build_public_domain_text
+
+    out = corpus_dir(args)
+    if args.smoke:
+        build_public_domain_text(out, max_words=20000, val_percent=5, test_percent=5, max_eval_words=2000)
+        return out
+    build_public_domain_text(
+        out, max_words=4_000_000, val_percent=1.0, test_percent=1.0, max_eval_words=60000
+    )
+    stats = json.loads((out / "stats.json").read_text()) if (out / "stats.json").exists() else {}
+    if "generated" in stats.get("sources", {}):
+        raise RuntimeError(
+            f"{out} holds generated text, not the public-domain corpus: install Debian fortunes, dict-devil and "
+            "dict-gcide (scripts/setup.sh), delete that folder and rerun, or copy artifacts/data/pd_text from a "
+            "machine that has them"
+        )
+    return out
+
+
 def corpus_dir(args: argparse.Namespace) -> Path:
     """Where the arms' corpus lives (train/val/test.txt): the study's own tiny one in smoke mode."""
     if args.smoke:
