@@ -274,7 +274,7 @@ def before_after_lines(
 ) -> list[str]:
     """Markdown table of two sinks.json dicts (e.g. start vs end of training). First what the decorrelation
     objective is meant to move, per layer band: intermediate sinks, attention to the step-0 sinks, BOS cosine,
-    and per segment (AVSR: audio, video, prompt, transcript) the intermediate sinks; then the position-0
+    and per segment (AVSR: audio, video, prompt, transcript; first band only) the intermediate sinks; then the position-0
     metrics (first-token attention, sink rate, max/median |h|), mean over layers and at `layers`."""
     lines = ["| sink metric | before | after |", "|---|---:|---:|"]
 
@@ -287,15 +287,15 @@ def before_after_lines(
             label = f"{METRIC_LABELS[metric]}, layers {name} ({group[0]}-{group[-1]})"
             add(label, layer_mean(before, metric, group), layer_mean(after, metric, group))
     segments = sorted({name for row in before["layers"] for name in row.get("by_segment", {})})
-    for segment in segments:
+    name, group = next(iter(groups.items()), ("all", []))  # per segment: the first band (where sinks live)
+    for segment in segments if group else []:
         for metric in ("intermediate_sink_count", "intermediate_sink_attention"):
-            for name, group in groups.items():
-                label = f"{METRIC_LABELS[metric]}, {segment} tokens, layers {name}"
-                add(
-                    label,
-                    segment_band_mean(before, segment, metric, group),
-                    segment_band_mean(after, segment, metric, group),
-                )
+            label = f"{METRIC_LABELS[metric]}, {segment} tokens, layers {name}"
+            add(
+                label,
+                segment_band_mean(before, segment, metric, group),
+                segment_band_mean(after, segment, metric, group),
+            )
     for metric in LAYER_METRICS:
         label = METRIC_LABELS[metric]
         add(f"{label}, mean over layers", layer_mean(before, metric), layer_mean(after, metric))
