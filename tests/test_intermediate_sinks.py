@@ -98,7 +98,7 @@ def _sinks(step, values):
                 "sink_rate": 50.0,
                 "activation_ratio": 10.0,
                 "bos_cosine": 0.3,
-                "by_segment": {},
+                "by_segment": {"audio": {"intermediate_sink_count": 2 * v, "intermediate_sink_attention": v}},
             }
             for i, v in enumerate(values)
         ],
@@ -117,11 +117,14 @@ def test_bands_tracked_change_and_headline():
     assert "lost 75.0% of their attention" in tracked_headline(first, last)
     lines = before_after_lines(first, last, bands=bands)
     assert lines[2].startswith("| intermediate sinks per sequence, layers early (1-2) | 0.400 | 0.100 |")
+    assert "| intermediate sinks per sequence, audio tokens, layers early | 0.800 | 0.200 |" in lines
+    assert not any("audio tokens, layers late" in line for line in lines)
     metrics = intermediate_log_metrics(last, first, [1], bands)
     assert metrics["sinks/intermediate/tracked_attention/early"] == pytest.approx(0.1)
     assert metrics["sinks/intermediate/tracked_attention_change_pct"] == pytest.approx(-75.0)
     assert metrics["sinks/intermediate/count/layer_1"] == pytest.approx(0.1)
     assert "sinks/intermediate/count/layer_2" not in metrics
+    assert metrics["sinks/intermediate/count/audio/mean"] == pytest.approx(0.1)  # 2 * (0 + .1 + .1 + 0) / 4
 
 
 def test_run_summary_leads_with_the_sink_block():
