@@ -77,8 +77,12 @@ def intermediate_log_metrics(
                 name = INTERMEDIATE_LOG_NAMES[key]
                 metrics[f"sinks/intermediate/{name}/{segment}/mean"] = sum(values) / len(values)
     if first is not None:
-        change = tracked_change(first, sinks)["attention_change_pct"]
-        metrics["sinks/intermediate/tracked_attention_change_pct"] = change
+        metrics["sinks/intermediate/tracked_attention_change_pct"] = tracked_change(first, sinks)[
+            "attention_change_pct"
+        ]
+        for band, layers in band_layers(sinks, bands).items():
+            change = tracked_change(first, sinks, layers)["attention_change_pct"]
+            metrics[f"sinks/intermediate/tracked_attention_change_pct/{band}"] = change
     return metrics
 
 
@@ -256,7 +260,7 @@ class SinkDiagnosticsCallback(Callback):
         (first_step, before), (last_step, after) = self.first, self.last
         header = f"{SUMMARY_HEADER}: step {first_step} -> step {last_step}"
         table = before_after_lines(before, after, self.layers_to_log, self.layer_bands)
-        return [header, tracked_headline(before, after), *table]
+        return [header, tracked_headline(before, after, self.layer_bands), *table]
 
 
 def _model_name(llm: torch.nn.Module) -> str:

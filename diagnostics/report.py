@@ -179,32 +179,35 @@ def band_means(sinks: dict, bands: dict | None, metrics=INTERMEDIATE_METRICS) ->
     }
 
 
-def tracked_change(first: dict, last: dict) -> dict[str, float]:
-    """Attention to the step-0 sinks (mean over layers) then and now, and its % change (nan if none)."""
-    before = layer_mean(first, "tracked_sink_attention")
-    after = layer_mean(last, "tracked_sink_attention")
+def tracked_change(first: dict, last: dict, layers: list[int] | None = None) -> dict[str, float]:
+    """Attention to the step-0 sinks (mean over `layers`, None = all) then and now, and its % change."""
+    before = layer_mean(first, "tracked_sink_attention", layers)
+    after = layer_mean(last, "tracked_sink_attention", layers)
     change = 100.0 * (after / before - 1.0) if before and not math.isnan(before) else float("nan")
     return {
         "num_sinks": len(first.get("intermediate_sinks", [])),
         "attention_before": before,
         "attention_after": after,
         "attention_change_pct": change,
-        "max_activation_before": layer_mean(first, "tracked_sink_max_activation"),
-        "max_activation_after": layer_mean(last, "tracked_sink_max_activation"),
+        "max_activation_before": layer_mean(first, "tracked_sink_max_activation", layers),
+        "max_activation_after": layer_mean(last, "tracked_sink_max_activation", layers),
     }
 
 
-def tracked_headline(first: dict, last: dict) -> str:
-    """One line: "the sinks at step 0 lost X% of their attention" with the numbers behind it."""
-    change = tracked_change(first, last)
+def tracked_headline(first: dict, last: dict, bands: dict | None = None) -> str:
+    """One line: "the sinks at step 0 lost X% of their attention", over the first layer band (all layers
+    without bands), with the numbers behind it."""
+    name, layers = next(iter(band_layers(first, bands).items()), ("all", None))
+    change = tracked_change(first, last, layers)
     if change["num_sinks"] == 0 or math.isnan(change["attention_change_pct"]):
         return "no intermediate sinks at the first measurement: nothing to track"
     verb = "lost" if change["attention_change_pct"] <= 0 else "gained"
+    where = f"layers {name} ({layers[0]}-{layers[-1]})" if layers else "all layers"
     return (
         f"the {change['num_sinks']} intermediate sinks of step {first.get('step', 0)} {verb} "
         f"{abs(change['attention_change_pct']):.1f}% of their attention "
         f"({format_number(change['attention_before'])} -> {format_number(change['attention_after'])}, "
-        f"mean over layers); their max abs h on BOS's features "
+        f"mean over {where}); their max abs h on BOS's features "
         f"{format_number(change['max_activation_before'])} -> {format_number(change['max_activation_after'])}"
     )
 

@@ -115,6 +115,7 @@ def test_bands_tracked_change_and_headline():
     change = tracked_change(first, last)
     assert change["attention_change_pct"] == pytest.approx(-75.0)
     assert "lost 75.0% of their attention" in tracked_headline(first, last)
+    assert "(0.400 -> 0.100, mean over layers early (1-2))" in tracked_headline(first, last, bands)
     lines = before_after_lines(first, last, bands=bands)
     assert lines[2].startswith("| intermediate sinks per sequence, layers early (1-2) | 0.400 | 0.100 |")
     assert "| intermediate sinks per sequence, audio tokens, layers early | 0.800 | 0.200 |" in lines
@@ -122,6 +123,7 @@ def test_bands_tracked_change_and_headline():
     metrics = intermediate_log_metrics(last, first, [1], bands)
     assert metrics["sinks/intermediate/tracked_attention/early"] == pytest.approx(0.1)
     assert metrics["sinks/intermediate/tracked_attention_change_pct"] == pytest.approx(-75.0)
+    assert metrics["sinks/intermediate/tracked_attention_change_pct/early"] == pytest.approx(-75.0)
     assert metrics["sinks/intermediate/count/layer_1"] == pytest.approx(0.1)
     assert "sinks/intermediate/count/layer_2" not in metrics
     assert metrics["sinks/intermediate/count/audio/mean"] == pytest.approx(0.1)  # 2 * (0 + .1 + .1 + 0) / 4
