@@ -20,7 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from diagnostics.plots import write_sink_plots
 from diagnostics.probe import measure_sinks
-from diagnostics.report import summary_markdown, write_sinks_json
+from diagnostics.report import band_layers, summary_markdown, write_sinks_json
 
 log = logging.getLogger("unsink.analyze")
 ROOT = Path(__file__).resolve().parent
@@ -133,17 +133,22 @@ def analyze(cfg: DictConfig) -> dict:
             chunk_size=cfg.chunk_size,
             intermediate_cosine_threshold=cfg.intermediate_cosine_threshold,
             intermediate_attention_threshold=cfg.intermediate_attention_threshold,
+            num_bos_features=cfg.get("num_bos_features", 1),
+            max_intermediate_candidates=cfg.get("max_intermediate_candidates", 64),
         )
     out_dir = Path(to_absolute_path(cfg.output_dir))
     if edit is not None:
         name = f"{name} + {edit.name}"
     sinks = report.to_json(model=name, num_texts=len(texts))
+    bands = OmegaConf.to_container(cfg.layer_bands) if cfg.get("layer_bands") else None
+    sinks["layer_bands"] = bands
     write_sinks_json(out_dir / "sinks.json", sinks)
     plots = write_sink_plots(report, out_dir, title=name)
-    summary = summary_markdown(sinks, plots, title=f"Sink diagnostics: {name}")
+    summary = summary_markdown(sinks, plots, title=f"Sink diagnostics: {name}", bands=bands)
     (out_dir / "summary.md").write_text(summary)
     print(
-        "\n".join(summary.splitlines()[:9]) + f"\n\nwritten: {out_dir}/sinks.json, summary.md, *.png",
+        "\n".join(summary.splitlines()[: 9 + len(band_layers(sinks, bands))])
+        + f"\n\nwritten: {out_dir}/sinks.json, summary.md, *.png",
         flush=True,
     )
     return sinks

@@ -9,7 +9,10 @@ front of the LLM are measured as they are at that step.
 Logged to every logger (slash names, step = trainer.global_step):
 `sinks/<metric>/layer_<i>` for `layers_to_log`, `sinks/<metric>/mean` over all layers, and
 `sinks/<metric>/<segment>/mean` for per-segment metrics, with metric in first_token_attention, sink_rate,
-activation_ratio, bos_cosine. Files (rank 0): `<run>/sinks/step_<N>_*.png`, `<run>/sinks/step_<N>.json` and,
+activation_ratio, bos_cosine; and the intermediate sinks (what decorrelation is meant to move)
+`sinks/intermediate/<name>/{mean,layer_<i>,<band>,<segment>/mean}` with name in count, attention, bos_cosine,
+max_activation, activation_ratio, tracked_attention, tracked_max_activation, plus
+`sinks/intermediate/tracked_attention_change_pct` (attention to the step-0 sinks vs step 0). Files (rank 0): `<run>/sinks/step_<N>_*.png`, `<run>/sinks/step_<N>.json` and,
 at the end, `<run>/sinks.json` (analyze.py schema).
 """
 
@@ -26,14 +29,66 @@ from lightning.pytorch.utilities import move_data_to_device
 
 from diagnostics.plots import write_sink_plots
 from diagnostics.probe import measure_sinks
-from diagnostics.report import LAYER_METRICS, SinkReport, before_after_lines, write_sinks_json
+from diagnostics.report import (
+    INTERMEDIATE_METRICS,
+    LAYER_METRICS,
+    SinkReport,
+    band_layers,
+    before_after_lines,
+    layer_mean,
+    tracked_change,
+    tracked_headline,
+    write_sinks_json,
+)
 
 log = logging.getLogger(__name__)
 SEGMENT_METRICS = ("bos_cosine", "first_token_attention")
+# first line of `summary_lines`; harness/summary.py moves this block to the top of the run summary
+SUMMARY_HEADER = "sinks on the probe batch"
+# sinks.json key -> W&B name under sinks/intermediate/
+INTERMEDIATE_LOG_NAMES = {
+    **{metric: metric.removeprefix("intermediate_sink_") for metric in INTERMEDIATE_METRICS},
+    "tracked_sink_attention": "tracked_attention",
+    "tracked_sink_max_activation": "tracked_max_activation",
+}
+
+
+def intermediate_log_metrics(
+    sinks: dict, first: dict | None, layers_to_log: list[int] | None, bands: dict | None
+) -> dict[str, float]:
+    """`sinks/intermediate/<name>/{mean,layer_<i>,<band>,<segment>/mean}` of one sinks.json dict, and
+    `sinks/intermediate/tracked_attention_change_pct` against the first measurement `first`."""
+    metrics = {}
+    rows = {row["layer"]: row for row in sinks["layers"]}
+    chosen = rows if layers_to_log is None else [i for i in layers_to_log if i in rows]
+    for key, name in INTERMEDIATE_LOG_NAMES.items():
+        metrics[f"sinks/intermediate/{name}/mean"] = layer_mean(sinks, key)
+        for band, layers in band_layers(sinks, bands).items():
+            metrics[f"sinks/intermediate/{name}/{band}"] = layer_mean(sinks, key, layers)
+        for layer in chosen:
+            metrics[f"sinks/intermediate/{name}/layer_{layer}"] = float(rows[layer].get(key, float("nan")))
+    segments = sorted({name for row in sinks["layers"] for name in row.get("by_segment", {})})
+    for key in INTERMEDIATE_METRICS:
+        for segment in segments:
+            values = [
+                r["by_segment"][segment].get(key) for r in sinks["layers"] if segment in r["by_segment"]
+            ]
+            values = [v for v in values if v is not None and v == v]
+            if values:
+                name = INTERMEDIATE_LOG_NAMES[key]
+                metrics[f"sinks/intermediate/{name}/{segment}/mean"] = sum(values) / len(values)
+    if first is not None:
+        metrics["sinks/intermediate/tracked_attention_change_pct"] = tracked_change(first, sinks)[
+            "attention_change_pct"
+        ]
+        for band, layers in band_layers(sinks, bands).items():
+            change = tracked_change(first, sinks, layers)["attention_change_pct"]
+            metrics[f"sinks/intermediate/tracked_attention_change_pct/{band}"] = change
+    return metrics
 
 
 def sink_log_metrics(report: SinkReport, layers_to_log: list[int] | None) -> dict[str, float]:
-    """The slash-named scalars of one measurement (layers_to_log None = every measured layer)."""
+    """The position-0 scalars of one measurement (layers_to_log None = every measured layer)."""
     measured = {row.layer: row for row in report.layers}
     chosen = measured if layers_to_log is None else [i for i in layers_to_log if i in measured]
     metrics = {}
@@ -89,6 +144,13 @@ class SinkDiagnosticsCallback(Callback):
         plots: write PNG figures (and W&B images when a WandbLogger is active).
         output_dir: where `sinks/` and `sinks.json` go; None = trainer.default_root_dir (the run folder).
         chunk_size: query rows per chunk when recomputing attention.
+        layer_bands: {name: [first, last]} layer bands (inclusive, last null = to the end) for the
+            intermediate-sink numbers, e.g. SmolLM2's early/middle layers 1-8 vs the late ones; None = all.
+        num_bos_features: how many of BOS's largest features count as its massive features.
+        max_intermediate_candidates: positions per layer whose received attention is recomputed.
+
+    The first measurement (normally step 0) and the intermediate sinks it found are callback state: saved
+    in checkpoints, so that a resumed run still tracks the step-0 sinks and prints step-0 "before" numbers.
     """
 
     def __init__(
@@ -103,6 +165,9 @@ class SinkDiagnosticsCallback(Callback):
         plots: bool = True,
         output_dir: str | None = None,
         chunk_size: int = 256,
+        layer_bands: dict | None = None,
+        num_bos_features: int = 1,
+        max_intermediate_candidates: int = 64,
     ):
         self.every_n_steps = every_n_steps
         self.probe_batch_size = probe_batch_size
@@ -113,13 +178,29 @@ class SinkDiagnosticsCallback(Callback):
             chunk_size=chunk_size,
             intermediate_cosine_threshold=intermediate_cosine_threshold,
             intermediate_attention_threshold=intermediate_attention_threshold,
+            num_bos_features=num_bos_features,
+            max_intermediate_candidates=max_intermediate_candidates,
         )
+        self.layer_bands = {k: list(v) for k, v in layer_bands.items()} if layer_bands else None
         self.plots = plots
         self.output_dir = output_dir
         self.probe_batch = None
         self.first: tuple[int, dict] | None = None  # (step, sinks.json dict)
         self.last: tuple[int, dict] | None = None
         self._last_step: int | None = None
+        self.tracked_sinks: list[dict] | None = None  # the first measurement's intermediate sinks
+
+    # ----------------------------------------------------------------------------------------- state
+    def state_dict(self) -> dict:
+        """The first measurement and its sinks (plain containers: checkpoints load with weights_only)."""
+        if self.first is None:
+            return {}
+        return {"first_step": self.first[0], "first": self.first[1], "tracked_sinks": self.tracked_sinks}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        if state_dict.get("first") is not None:
+            self.first = (int(state_dict["first_step"]), state_dict["first"])
+            self.tracked_sinks = state_dict.get("tracked_sinks") or []
 
     # ----------------------------------------------------------------------------------------- hooks
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -157,10 +238,19 @@ class SinkDiagnosticsCallback(Callback):
         n = self.probe_batch_size
         llm_inputs = {k: v[:n] if torch.is_tensor(v) else v for k, v in llm_inputs.items()}
         segments = segments[:n] if segments is not None else None
-        report = measure_sinks(pl_module.llm, llm_inputs, segments, **self.probe_kwargs)
+        report = measure_sinks(
+            pl_module.llm, llm_inputs, segments, tracked_sinks=self.tracked_sinks, **self.probe_kwargs
+        )
+        if self.tracked_sinks is None:  # first measurement: its sinks are the ones tracked from now on
+            self.tracked_sinks = [
+                {k: s[k] for k in ("sample", "position", "layers", "token", "segment")}
+                for s in report.intermediate_sinks
+            ]
         self._last_step = step
         sinks = report.to_json(model=_model_name(pl_module.llm))
         sinks["step"] = step
+        sinks["layer_bands"] = self.layer_bands
+        sinks["tracked_sinks"] = self.tracked_sinks
         self.first = self.first or (step, sinks)
         self.last = (step, sinks)
         if trainer.is_global_zero:
@@ -168,7 +258,10 @@ class SinkDiagnosticsCallback(Callback):
         return report
 
     def _log(self, trainer: L.Trainer, report: SinkReport, step: int) -> None:
-        metrics = sink_log_metrics(report, self.layers_to_log)
+        metrics = intermediate_log_metrics(
+            self.last[1], self.first[1] if self.first else None, self.layers_to_log, self.layer_bands
+        )
+        metrics.update(sink_log_metrics(report, self.layers_to_log))
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=step)
             logger.save()
@@ -179,12 +272,14 @@ class SinkDiagnosticsCallback(Callback):
             _log_wandb_images(trainer, paths, step)
 
     def summary_lines(self) -> list[str]:
-        """Before/after sink numbers for the end-of-run summary (empty before any measurement)."""
+        """Before/after sink numbers for the end-of-run summary (empty before any measurement): the header,
+        the one-line fate of the step-0 sinks, then the table (lines starting with "|")."""
         if self.first is None or self.last is None:
             return []
         (first_step, before), (last_step, after) = self.first, self.last
-        header = f"sinks on the probe batch: step {first_step} -> step {last_step}"
-        return [header, *before_after_lines(before, after, self.layers_to_log)]
+        header = f"{SUMMARY_HEADER}: step {first_step} -> step {last_step}"
+        table = before_after_lines(before, after, self.layers_to_log, self.layer_bands)
+        return [header, tracked_headline(before, after, self.layer_bands), *table]
 
 
 def _model_name(llm: torch.nn.Module) -> str:

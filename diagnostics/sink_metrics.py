@@ -11,7 +11,11 @@ token it is). Definitions (also in docs/diagnostics.md):
 - massive activation (Sun et al.): largest |h| over valid tokens and features, with its position and
   feature, and its ratio to the median |h| over the same entries.
 - BOS cosine: mean of cos(h[0], h[t]) over valid t >= 1.
-- intermediate sinks: positions t > 0 with a high cosine to BOS that receive high attention.
+- attention entropy: mean over heads and valid queries q > 0 of -sum_k p log p (nats), and the same
+  divided by log(q + 1) (1 = uniform attention over the visible keys).
+- intermediate sinks: positions t > 0 with a high cosine to BOS (> 0.8) that receive high attention (mean
+  over heads and over the queries after them > 0.2); per layer their count per sequence, summed received
+  attention per sequence, mean cosine to BOS, and the largest |h| at t >= 1 on BOS's massive features.
 """
 
 from __future__ import annotations
@@ -178,9 +182,85 @@ def intermediate_sinks(
     received = received_attention(attention_to_keys, key_positions, valid)  # [B,P]
     positions = key_positions.to(cosine.device)
     key_cosine = cosine[:, positions]  # [B,P]
-    flagged = valid.bool()[:, positions] & (key_cosine > cosine_threshold) & (received > attention_threshold)
-    flagged &= positions[None, :] > 0
+    flagged = intermediate_sink_mask(
+        key_cosine, received, positions, valid, cosine_threshold, attention_threshold
+    )
     return [
         (int(b), int(positions[p]), float(key_cosine[b, p]), float(received[b, p]))
         for b, p in flagged.nonzero().tolist()
     ]
+
+
+def intermediate_sink_mask(
+    key_cosine: torch.Tensor,
+    received: torch.Tensor,
+    key_positions: torch.Tensor,
+    valid: torch.Tensor,
+    cosine_threshold: float,
+    attention_threshold: float,
+) -> torch.Tensor:
+    """[B,P] bool: key p of sample b is an intermediate sink (position > 0, valid, both thresholds passed).
+
+    key_cosine [B,P] = cosine[:, key_positions]; received [B,P] from `received_attention`; valid [B,T].
+    """
+    positions = key_positions.to(valid.device)
+    return (
+        valid.bool()[:, positions]
+        & (key_cosine > cosine_threshold)
+        & (received > attention_threshold)
+        & (positions[None, :] > 0)
+    )
+
+
+def bos_massive_features(hidden: torch.Tensor, k: int = 1) -> torch.Tensor:
+    """hidden [B,T,D] -> [k] long: the features where position 0 is largest (|h[:,0,:]| averaged over samples).
+
+    These are "BOS's massive features" (feature 507 in SmolLM2-135M's early layers)."""
+    return hidden[:, 0].detach().float().abs().mean(0).topk(min(k, hidden.shape[-1])).indices
+
+
+def max_activation_on_features(
+    hidden: torch.Tensor, token_mask: torch.Tensor, features: torch.Tensor
+) -> float:
+    """Largest |h[b,t,f]| over tokens with token_mask [B,T] at t >= 1 and f in features [k]; nan if no token."""
+    tokens = query_positions_mask(token_mask, 1)
+    if not tokens.any():
+        return float("nan")
+    return float(hidden.detach()[..., features.to(hidden.device)].float().abs()[tokens].max())
+
+
+def sink_summary(
+    flagged: torch.Tensor, received: torch.Tensor, key_cosine: torch.Tensor, num_sequences: int
+) -> dict[str, float]:
+    """Count, attention and BOS cosine of a set of sinks, per sequence.
+
+    Args:
+        flagged: [B,P] bool, which (sample, key) pairs are sinks; received, key_cosine: [B,P].
+        num_sequences: the divisor (every probe sequence counts, with or without sinks).
+    Returns:
+        count: sinks per sequence; attention: per sequence, the summed received attention (mean over heads
+        and over the queries after the sink) of its sinks, averaged over sequences (0 without sinks);
+        bos_cosine: mean cosine to BOS of the sinks (nan if none).
+    """
+    n = max(int(num_sequences), 1)
+    flagged = flagged.bool()
+    return {
+        "count": float(flagged.sum()) / n,
+        "attention": float((received.float() * flagged).sum()) / n,
+        "bos_cosine": float(key_cosine[flagged].float().mean()) if flagged.any() else float("nan"),
+    }
+
+
+def attention_entropy(entropy: torch.Tensor, valid: torch.Tensor) -> tuple[float, float]:
+    """Mean attention entropy over heads and valid queries q > 0, in nats and normalised by log(q + 1).
+
+    entropy [B,H,T]: -sum_k p log p of each query row; query q sees q + 1 keys (right padding), so
+    log(q + 1) is its largest possible entropy (uniform attention) and the normalised value is in [0, 1].
+    """
+    queries = query_positions_mask(valid, 1)
+    if not queries.any():
+        return float("nan"), float("nan")
+    positions = torch.arange(valid.shape[1], device=valid.device, dtype=torch.float32)
+    per_query = entropy.float().mean(1)  # [B,T] mean over heads
+    normalised = per_query / torch.log(positions + 1.0).clamp_min(1e-12)[None, :]
+    return float(per_query[queries].mean()), float(normalised[queries].mean())

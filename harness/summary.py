@@ -27,11 +27,27 @@ def _fmt(value) -> str:
     return "n/a" if value is None else f"{float(value):.4f}"
 
 
+def split_sink_block(extra: list[str]) -> tuple[list[str], list[str]]:
+    """(the sink callback's block: header, step-0 sinks line, table rows; the other lines). The summary
+    prints the block first: it leads with what the objectives are meant to move."""
+    from diagnostics.callback import SUMMARY_HEADER
+
+    start = next((i for i, line in enumerate(extra) if line.startswith(SUMMARY_HEADER)), None)
+    if start is None:
+        return [], list(extra)
+    end = start + 2
+    while end < len(extra) and extra[end].startswith("|"):
+        end += 1
+    return extra[start:end], [*extra[:start], *extra[end:]]
+
+
 def summary_lines(
     before: dict, after: dict, history: TrainLossHistory, run_dir: str, trainer: L.Trainer, extra: list[str]
 ) -> list[str]:
     lines = ["", "=" * 72, "unsink run summary", "=" * 72]
     lines.append(f"steps: {trainer.global_step}   run folder: {run_dir}")
+    lead, extra = split_sink_block(extra)
+    lines.extend(lead)
     lines.append(f"train/loss   first {_fmt(history.first)}  ->  last {_fmt(history.last)}")
     keys = sorted({k for k in (*before, *after) if k.startswith("val/")})
     for key in keys:

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Create the virtual environment idempotently and install every pin. Called by `make setup`.
-# Debian packages (flite, sox, dict-devil, fortunes, pocketsphinx-testdata) are optional extras: the demo falls
+# Debian packages (flite, sox, dict-devil, dict-gcide, fortunes, pocketsphinx-testdata) are optional extras: the demo falls
 # back to text and speech the repo generates when they are missing; the ASR study corpus
-# (data/avsr/asr_corpus.py) needs flite, fortunes and dict-devil.
+# (data/avsr/asr_corpus.py) needs flite, fortunes and dict-devil, the text studies dict-gcide too.
 set -euo pipefail
 py=${1:-python3}
 venv=${2:-.venv}
@@ -14,7 +14,7 @@ quiet "$venv/bin/python" -m pip install -q -r requirements.txt
 quiet "$venv/bin/python" -m pip install -q --no-deps -r requirements-assets.txt
 if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
   missing=()
-  for pkg in flite sox dict-devil fortunes pocketsphinx-testdata; do
+  for pkg in flite sox dict-devil dict-gcide fortunes pocketsphinx-testdata; do
     dpkg -s "$pkg" >/dev/null 2>&1 || missing+=("$pkg")
   done
   if [ ${#missing[@]} -gt 0 ]; then

@@ -189,3 +189,44 @@ def test_an_adapter_that_does_not_match_its_base_fails_loudly(tmp_path, tiny_lm_
     run = _leaf_run(tmp_path, tiny_lm_factory, "${backbone}")  # the student's adapter on the teacher
     with pytest.raises(ValueError, match="does not match its base build_tiny_llama"):
         analyze.analyze(analyze_config(f"run={run}", f"output_dir={tmp_path / 'out'}"))
+
+
+def _run_with_perplexity(tmp_path, name, perplexities, seed, tracked):
+    """A run folder: val/perplexity at steps 0, 5, 10, ...; a seed; step-0 and final sinks with bands."""
+    run = tmp_path / name
+    (run / "csv").mkdir(parents=True)
+    (run / ".hydra").mkdir()
+    (run / ".hydra" / "config.yaml").write_text(f"task_name: x\nseed: {seed}\n")
+    with open(run / "csv" / "metrics.csv", "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=["step", "val/perplexity"])
+        writer.writeheader()
+        for i, value in enumerate(perplexities):
+            writer.writerow({"step": 5 * i, "val/perplexity": value})
+    for path, value in ((run / "sinks" / "step_000000.json", 0.4), (run / "sinks.json", tracked)):
+        layers = [
+            {
+                "layer": i,
+                "tracked_sink_attention": value if i in (1, 2) else 0.0,
+                "intermediate_sink_count": 1.0,
+            }
+            for i in range(4)
+        ]
+        bands = {"early_middle": [1, 2], "late": [3, None]}
+        path.parent.mkdir(exist_ok=True)
+        path.write_text(json.dumps({"layers": layers, "layer_bands": bands, "intermediate_sinks": []}))
+    return run
+
+
+def test_compare_quality_against_the_baseline_at_the_same_step_and_the_tracked_sinks(tmp_path, capsys):
+    decorr = _run_with_perplexity(tmp_path, "decorr", [50.0, 22.0], seed=7, tracked=0.1)
+    base = _run_with_perplexity(tmp_path, "baseline", [50.0, 20.0, 18.0], seed=7, tracked=0.4)
+    compare.main([str(decorr), str(base), "--baseline", "baseline", "--out", str(tmp_path / "cmp")])
+    table = (tmp_path / "cmp" / "comparison.md").read_text()
+    # decorr stopped at step 5: compared with the baseline's step-5 value (20), not its last (18) or step 0
+    assert "| val/perplexity vs baseline at the same step (%) | +10.0 | +0.0 |" in table
+    assert "| val/perplexity: step compared | 5 | 10 |" in table
+    assert "| seed | 7 | 7 |" in table
+    assert "| attention to the step-0 sinks, layers early_middle (1-2) | 0.100 | 0.400 |" in table
+    assert "| attention to the step-0 sinks, change since step 0 (%) | -75.0 | 0.000 |" in table
+    with pytest.raises(ValueError, match="--baseline 'nope'"):
+        compare.main([str(decorr), str(base), "--baseline", "nope", "--out", str(tmp_path / "cmp2")])

@@ -139,3 +139,44 @@ def test_probe_loader_falls_back_to_trainer_val_dataloaders():
     assert _first_val_dataloader(SimpleNamespace(datamodule=None, val_dataloaders=[loader])) is loader
     with pytest.raises(RuntimeError, match="validation dataloader"):
         _first_val_dataloader(SimpleNamespace(datamodule=None, val_dataloaders=None))
+
+
+def test_resumed_run_keeps_the_step0_figures_and_sinks(tmp_path, tiny_lm):
+    """Issue 10: after a resume the "before" numbers and the tracked sinks are step 0's, from the checkpoint."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    model, tokenizer = tiny_lm
+    # thresholds every token passes, so that the tiny random model has "sinks" to track
+    settings = dict(
+        every_n_steps=0, plots=False, intermediate_cosine_threshold=-1.0, intermediate_attention_threshold=0.0
+    )
+
+    def fit(max_steps, callback, ckpt_path=None):
+        checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True, every_n_train_steps=2)
+        trainer = L.Trainer(
+            max_steps=max_steps,
+            accelerator="cpu",
+            logger=False,
+            callbacks=[callback, checkpoint],
+            default_root_dir=tmp_path,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            num_sanity_val_steps=0,
+            limit_val_batches=1,
+            check_val_every_n_epoch=100,
+        )
+        trainer.fit(TinyLM(model), datamodule=TextData(tokenizer), ckpt_path=ckpt_path)
+
+    interrupted = SinkDiagnosticsCallback(**settings)
+    fit(2, interrupted)
+    assert interrupted.first[0] == 0 and interrupted.tracked_sinks
+    resumed = SinkDiagnosticsCallback(**settings)
+    fit(4, resumed, ckpt_path=tmp_path / "ckpt" / "last.ckpt")
+    assert resumed.first[0] == 0 and resumed.first[1] == interrupted.first[1]
+    assert resumed.tracked_sinks == interrupted.tracked_sinks
+    lines = resumed.summary_lines()
+    assert lines[0] == "sinks on the probe batch: step 0 -> step 4"
+    assert "intermediate sinks of step 0" in lines[1]
+    # the measurement at the resume step (2) tracked the step-0 sinks, not the ones it found itself
+    at_resume = json.loads((tmp_path / "sinks" / "step_000002.json").read_text())
+    assert at_resume["tracked_sinks"] == interrupted.tracked_sinks
