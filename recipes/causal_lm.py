@@ -33,6 +33,7 @@ class CausalLMRecipe(L.LightningModule):
     trainable: {"freeze": [regex], "unfreeze": [regex]} applied after LoRA.
     gradient_checkpointing: trade compute for activation memory.
     seed: seeds objective randomness per step (MEAP masks, ADL row samples), so resumes match.
+    kernels / fast: `plain` (HF + PEFT) or `fast` (models/fast.py, settings in `fast`; plain without CUDA).
     """
 
     def __init__(
@@ -46,12 +47,14 @@ class CausalLMRecipe(L.LightningModule):
         trainable: Mapping | None = None,
         gradient_checkpointing: bool = False,
         seed: int = 0,
+        kernels: str = "plain",
+        fast: Mapping | None = None,
     ):
         super().__init__()
         self.save_hyperparameters(ignore=["backbone", "optimizer", "scheduler", "objectives"])
         self.objectives = ObjectiveSet(objectives)
         self.llm, self.tokenizer = prepare_llm(
-            backbone, self.objectives, lora, trainable, gradient_checkpointing
+            backbone, self.objectives, lora, trainable, gradient_checkpointing, kernels, fast
         )
         self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
         self.ce_weight, self.seed = ce_weight, seed
