@@ -12,6 +12,7 @@ from torchmetrics import MeanMetric
 
 from models.attention_capture import disable_capture
 from models.lora import log_parameter_counts
+from models.packing import check_packing, llm_inputs
 from recipes import segments as seg
 from recipes.checkpoint import keep_trainable_state
 from recipes.llm_setup import prepare_llm
@@ -66,8 +67,9 @@ class CausalLMRecipe(L.LightningModule):
 
     # ---- steps -----------------------------------------------------------------------------------
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        check_packing(batch, self.objectives.objectives)
         batch = self.objectives.transform_batch(batch, self.global_step, self.seed)
-        inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "labels")}
+        inputs = llm_inputs(batch)
         outputs, ctx = self.objectives.forward(self.llm, inputs, batch, self.global_step)
         losses = self.objectives.losses(ctx)
         batch_size = batch["input_ids"].shape[0]
