@@ -129,6 +129,13 @@ def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
 def compile_layers(model: torch.nn.Module, backend: str = "inductor", mode: str | None = None) -> int:
     """`torch.compile` every decoder layer in place (regional compilation); return the layer count."""
     layers = decoder_layers(model)
+    # One graph serves every layer, but guards on per-layer Python state (the layer index that query/key
+    # capture stores under, hidden-state hooks switched on and off) add variants: allow them all.
+    limit = max(64, 4 * len(layers))
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, limit)
+    torch._dynamo.config.accumulated_recompile_limit = max(
+        torch._dynamo.config.accumulated_recompile_limit, 4 * limit
+    )
     for layer in layers:
         layer.compile(backend=backend, mode=mode)
     return len(layers)
