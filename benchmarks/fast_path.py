@@ -77,7 +77,7 @@ def small(args) -> list[dict]:
     build_demo_text(text_file)
     gpu = not args.tiny
     plain = ["trainer=gpu"] if gpu else ["trainer=cpu"]
-    fast = ["model.kernels=fast", "trainer=gpu_fast", "+optimizer.fused=true"] if gpu else ["model.kernels=fast"]
+    fast = ["model.kernels=fast", "trainer=gpu_fast"], if gpu else ["model.kernels=fast"]
     if args.tiny:
         fast += ["model.fast.require_cuda=false", "model.fast.compile=none"]
     lm = ["data=text_lm", f"data.train_file={text_file}", "data.num_workers=0"]
@@ -89,6 +89,8 @@ def small(args) -> list[dict]:
     ]
     if args.tiny:
         plan = [(k, d, c, x, 6, 2, 2 if p else 0) for k, d, c, x, _, _, p in plan]
+    if args.rows:  # e.g. --rows 1,2
+        plan = [plan[int(i)] for i in args.rows.split(",")]
     rows = []
     for kind, data, config, extra, steps, warmup, profile in plan:
         out = work / f"{kind}_{len(rows)}.json"
@@ -226,7 +228,7 @@ def recipe_row(label, kernels, objective, batch, length, args, fast_overrides=No
         }
         recipe = CausalLMRecipe(
             backbone=student,
-            optimizer=partial(torch.optim.AdamW, lr=1e-4, fused=device == "cuda"),
+            optimizer=partial(torch.optim.AdamW, lr=1e-4),
             lora={"r": 16, "alpha": 32, "dropout": 0.05, "target_modules": "all-linear"},
             objectives=build_objectives(objective, backbone),
             ce_weight=0.0 if objective == "leaf" else 1.0,
@@ -346,6 +348,7 @@ def main(argv=None):
     parser.add_argument("--sft-file", default=None)
     parser.add_argument("--pack-len", type=int, default=2048)
     parser.add_argument("--pack-batch", type=int, default=32)
+    parser.add_argument("--rows", default=None, help="small: row indices (0,1,..); lm1b: row names")
     parser.add_argument("--timeout", type=int, default=240, help="seconds per train.py run")
     args = parser.parse_args(argv)
     args.steps = args.steps or (2 if args.tiny else 8)

@@ -19,6 +19,6 @@ for l in sys.stdin:
     r=json.loads(l); b=r.get("busy") or {}
     print({k: (round(v,3) if isinstance(v,float) else v[-400:] if k=="error" else v) for k,v in r.items() if k in ("row","path","data","steps_per_s_median","tokens_per_s","real_tokens_per_s","peak_mem_gib","error")} | ({"busy": round(b["gpu_busy_fraction"],3)} if b else {}))'
 }
-run small "${SMALL_S:-200}"
-run lm1b "${LM1B_S:-230}"
-run packing "${PACK_S:-110}" --sft-file .gpu/demo_sft_train.jsonl
+[ "${SMALL_S:-200}" -gt 0 ] && run small "${SMALL_S:-200}" ${SMALL_ROWS:+--rows $SMALL_ROWS}
+[ "${LM1B_S:-230}" -gt 0 ] && run lm1b "${LM1B_S:-230}" ${LM1B_ROWS:+--rows $LM1B_ROWS}
+[ "${PACK_S:-110}" -gt 0 ] && run packing "${PACK_S:-110}" --sft-file .gpu/demo_sft_train.jsonl
