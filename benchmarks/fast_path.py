@@ -77,7 +77,7 @@ def small(args) -> list[dict]:
     build_demo_text(text_file)
     gpu = not args.tiny
     plain = ["trainer=gpu"] if gpu else ["trainer=cpu"]
-    fast = ["model.kernels=fast", "trainer=gpu_fast"], if gpu else ["model.kernels=fast"]
+    fast = ["model.kernels=fast", "trainer=gpu_fast"] if gpu else ["model.kernels=fast"]
     if args.tiny:
         fast += ["model.fast.require_cuda=false", "model.fast.compile=none"]
     lm = ["data=text_lm", f"data.train_file={text_file}", "data.num_workers=0"]
