@@ -83,7 +83,7 @@ def small(args) -> list[dict]:
     lm = ["data=text_lm", f"data.train_file={text_file}", "data.num_workers=0"]
     plan = [
         ("plain", "sft B=8 T<=128", plain, [], 40, 10, 0),
-        ("fast", "sft B=8 T<=128", fast, [], 400, 60, 0),
+        ("fast", "sft B=8 T<=128", fast, [], 300, 60, 10),
         ("fast", "lm B=32 T=256", fast, lm + ["data.batch_size=32", "data.max_length=256"], 200, 30, 10),
         ("plain", "lm B=32 T=256", plain, lm + ["data.batch_size=32", "data.max_length=256"], 30, 8, 5),
     ]
@@ -275,18 +275,21 @@ def bare_baseline(args, batch, length) -> dict:
 def lm1b(args) -> list[dict]:
     B, T = (2, 64) if args.tiny else (8, 2048)
     long_b, long_t = (1, 256) if args.tiny else (1, 8192)
-    rows = [bare_baseline(args, B, T)]
-    rows.append(recipe_row("recipe plain", "plain", "none", B, T, args))
-    rows.append(recipe_row("recipe fast", "fast", "none", B, T, args))
-    if not args.tiny:
-        rows.append(
-            recipe_row("recipe fast, liger CE", "fast", "none", B, T, args, {"fused_cross_entropy": "liger"})
-        )
+    plan = {
+        "bare": lambda: bare_baseline(args, B, T),
+        "plain": lambda: recipe_row("recipe plain", "plain", "none", B, T, args),
+        "fast": lambda: recipe_row("recipe fast", "fast", "none", B, T, args),
+        "liger": lambda: recipe_row(
+            "recipe fast, liger CE", "fast", "none", B, T, args, {"fused_cross_entropy": "liger"}
+        ),
+        "long": lambda: recipe_row("recipe fast", "fast", "none", long_b, long_t, args),
+        "long_adl": lambda: recipe_row("recipe fast + adl", "fast", "adl", long_b, long_t, args),
+    }
     for objective in ("decorr", "adl", "meap", "leaf"):
-        rows.append(recipe_row(f"recipe fast + {objective}", "fast", objective, B, T, args))
-    rows.append(recipe_row("recipe fast", "fast", "none", long_b, long_t, args))
-    rows.append(recipe_row("recipe fast + adl", "fast", "adl", long_b, long_t, args))
-    return rows
+        plan[objective] = partial(recipe_row, f"recipe fast + {objective}", "fast", objective, B, T, args)
+    default = ["bare", "plain", "fast", "liger", "decorr", "adl", "meap", "leaf", "long", "long_adl"]
+    names = args.rows.split(",") if args.rows else [n for n in default if not (args.tiny and n == "liger")]
+    return [plan[name]() for name in names]
 
 
 # ---- packing -----------------------------------------------------------------------------------------
