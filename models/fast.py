@@ -8,11 +8,12 @@ teacher or a reference model built in the same process keeps the plain code):
   autocast runs their matmuls in bf16, as on the plain path.
 - LoRA dropout `lora_dropout` (0): peft then skips the dropout kernel and the extra copy of every input.
 - the training loss without [B,T,V] logits (`fused_cross_entropy`): `chunked` (models/fast_loss.py, pure
-  torch, any device) or `liger` (liger-kernel's fused linear cross-entropy, CUDA). Skipped when an
-  objective reads the logits (LeaF): that objective gets full logits and pays for them.
+  torch, any device), `liger` (liger-kernel's fused linear cross-entropy, CUDA: the gradient is computed
+  in the forward pass, no recomputation) or `auto` (liger where it imports, CUDA is present and no
+  embedding row trains through peft's trainable tokens, else chunked). Skipped when an objective reads
+  the logits (LeaF): that objective gets full logits and pays for them.
 - `compile: layers`: `torch.compile` on each decoder layer (regional compilation: one compiled graph reused
   by every layer, RMSNorm / RoPE / SwiGLU / LoRA fused by Inductor); `none` keeps eager.
-- `liger_layers`: liger-kernel RMSNorm and SwiGLU on this instance's modules (for eager runs).
 
 Without CUDA (`require_cuda: true`, the default) `kernels=fast` falls back to the plain path with a log
 line: CPU runs, CI and tests keep the plain code. Loss and gradients match the plain path (same model,
@@ -22,6 +23,7 @@ LoRA dropout 0) within bf16 rounding: tests/test_fast_path.py.
 from __future__ import annotations
 
 import logging
+import types
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
 
@@ -33,7 +35,7 @@ from models.fast_loss import install_chunked_loss
 log = logging.getLogger(__name__)
 
 KERNELS = ("plain", "fast")
-CE_MODES = ("chunked", "liger", "none")
+CE_MODES = ("auto", "chunked", "liger", "none")
 COMPILE_MODES = ("layers", "none")
 
 
@@ -43,12 +45,11 @@ class FastPath:
 
     base_dtype: str = "bf16"
     lora_dropout: float = 0.0
-    fused_cross_entropy: str = "chunked"
+    fused_cross_entropy: str = "auto"
     ce_chunk_tokens: int = 4096
     compile: str = "layers"
     compile_backend: str = "inductor"
     compile_mode: str | None = None
-    liger_layers: bool = False
     require_cuda: bool = True
 
     def __post_init__(self):
@@ -79,25 +80,43 @@ def resolve_fast_path(kernels: str, fast: Mapping | FastPath | None) -> FastPath
     return settings
 
 
-def apply_before_lora(model: torch.nn.Module, fast: FastPath, needs_logits: bool = False) -> None:
-    """Per-instance kernel swaps on the bare HF causal LM (before peft wraps it)."""
-    if fast.fused_cross_entropy == "chunked" and not needs_logits:
-        install_chunked_loss(model, fast.ce_chunk_tokens)
-    elif fast.fused_cross_entropy == "liger" and not needs_logits:
-        import types
+def liger_available() -> bool:
+    try:
+        from liger_kernel.transformers.model.llama import lce_forward  # noqa: F401
+    except Exception:  # noqa: BLE001  (missing package, or no Triton backend on this machine)
+        return False
+    return torch.cuda.is_available()
 
+
+def cross_entropy_mode(
+    fast: FastPath, needs_logits: bool, trainable_tokens: bool, model_type: str | None = "llama"
+) -> str:
+    """The CE implementation to install: none | chunked | liger (see the module docstring for `auto`).
+
+    `auto` picks liger only for Llama-family models (SmolLM2, Llama 3): its forward is Llama's.
+    """
+    if needs_logits or fast.fused_cross_entropy == "none":
+        return "none"
+    if fast.fused_cross_entropy == "auto":
+        liger = model_type == "llama" and not trainable_tokens and liger_available()
+        return "liger" if liger else "chunked"
+    return fast.fused_cross_entropy
+
+
+def apply_before_lora(
+    model: torch.nn.Module, fast: FastPath, needs_logits: bool = False, trainable_tokens: bool = False
+) -> str:
+    """Per-instance swap of the training loss on the bare HF causal LM (before peft wraps it)."""
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    mode = cross_entropy_mode(fast, needs_logits, trainable_tokens, model_type)
+    if mode == "chunked":
+        install_chunked_loss(model, fast.ce_chunk_tokens)
+    elif mode == "liger":
         from liger_kernel.transformers.model.llama import lce_forward
 
         model.forward = types.MethodType(lce_forward, model)
-    if fast.liger_layers:
-        from liger_kernel.transformers.monkey_patch import _patch_rms_norm_module, _patch_swiglu_module
-        from liger_kernel.transformers.swiglu import LigerSwiGLUMLP
-
-        for name, module in model.named_modules():
-            if type(module).__name__.endswith("RMSNorm"):
-                _patch_rms_norm_module(module)
-            elif name.endswith(".mlp") and hasattr(module, "gate_proj"):
-                _patch_swiglu_module(module, LigerSwiGLUMLP)
+    log.info("fast path: training loss %s", mode)
+    return mode
 
 
 def cast_frozen(model: torch.nn.Module, dtype: torch.dtype) -> int:

@@ -56,7 +56,7 @@ def chunked_lm_loss(
 def _forward_with_chunked_loss(
     self, input_ids=None, attention_mask=None, position_ids=None, labels=None, **kw
 ):
-    if labels is None or not self.training or kw.get("inputs_embeds") is not None:
+    if labels is None or not self.training:
         return type(self).forward(
             self,
             input_ids=input_ids,

@@ -29,7 +29,7 @@ def prepare_llm(
     extra_tokens = objectives.setup(llm, tokenizer)
     if settings is not None:
         needs_logits = any(getattr(o, "needs_logits", False) for o in objectives.objectives.values())
-        fastpath.apply_before_lora(llm, settings, needs_logits)
+        fastpath.apply_before_lora(llm, settings, needs_logits, bool(extra_tokens))
     if lora is not None:
         if settings is not None:
             lora = {**lora, "dropout": settings.lora_dropout}

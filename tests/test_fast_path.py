@@ -147,3 +147,31 @@ def test_cast_frozen_keeps_trainable_fp32():
     model[1].requires_grad_(False)
     assert cast_frozen(model, torch.bfloat16) == 2
     assert model[0].weight.dtype == torch.float32 and model[1].weight.dtype == torch.bfloat16
+
+
+def test_cross_entropy_choice(monkeypatch):
+    from models import fast as fastpath
+
+    settings = FastPath(require_cuda=False)
+    monkeypatch.setattr(fastpath, "liger_available", lambda: False)
+    assert fastpath.cross_entropy_mode(settings, needs_logits=False, trainable_tokens=False) == "chunked"
+    assert fastpath.cross_entropy_mode(settings, needs_logits=True, trainable_tokens=False) == "none"
+    monkeypatch.setattr(fastpath, "liger_available", lambda: True)
+    assert fastpath.cross_entropy_mode(settings, False, False) == "liger"
+    assert fastpath.cross_entropy_mode(settings, False, trainable_tokens=True) == "chunked"  # MEAP's row
+    assert fastpath.cross_entropy_mode(settings, False, False, model_type="qwen2") == "chunked"
+
+
+def test_objective_that_reads_logits_gets_them(tiny_lm_factory):
+    """LeaF reads the student logits: the fast path keeps them (and pays for them)."""
+    from recipes.objectives.base import Objective
+
+    class ReadsLogits(Objective):
+        needs_logits = True
+
+    backbone = partial(tiny_lm_factory, hidden_size=32, num_layers=2, intermediate_size=64)
+    fast = {"require_cuda": False, "compile": "none"}
+    objectives = ObjectiveSet({"reads": ReadsLogits()})
+    llm, tokenizer = prepare_llm(backbone, objectives, LORA, kernels="fast", fast=fast)
+    batch = batch_with_ignored_labels(len(tokenizer))
+    assert llm(**batch).logits.shape == (3, 12, len(tokenizer))
