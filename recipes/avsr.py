@@ -43,6 +43,7 @@ class AVSRRecipe(L.LightningModule):
     objectives: {name: Objective}; optimizer / scheduler: partials; ce_weight: weight of the transcript CE.
     generation: kwargs of `AVSRModel.generate` for validation and test (max_new_tokens, num_beams).
     seed: seeds objective randomness per step.
+    kernels / fast: the LLM's `plain` or `fast` path (models/fast.py; plain without CUDA).
     """
 
     def __init__(
@@ -65,6 +66,8 @@ class AVSRRecipe(L.LightningModule):
         generation: Mapping | None = None,
         gradient_checkpointing: bool = False,
         seed: int = 0,
+        kernels: str = "plain",
+        fast: Mapping | None = None,
     ):
         super().__init__()
         self.save_hyperparameters(
@@ -84,7 +87,9 @@ class AVSRRecipe(L.LightningModule):
         self.objectives = ObjectiveSet(objectives)
         if self.objectives.sums_over_tokens:  # LeaF's teacher reads token ids; AVSR inputs are embeddings
             raise ValueError("token-sum objectives (leaf) run with the causal LM recipe, not with AVSR")
-        llm, self.tokenizer = prepare_llm(backbone, self.objectives, lora, None, gradient_checkpointing)
+        llm, self.tokenizer = prepare_llm(
+            backbone, self.objectives, lora, None, gradient_checkpointing, kernels, fast
+        )
         width = llm.config.hidden_size
         parts = {}
         for name, build_encoder, build_projector in (

@@ -175,3 +175,17 @@ def test_objective_that_reads_logits_gets_them(tiny_lm_factory):
     llm, tokenizer = prepare_llm(backbone, objectives, LORA, kernels="fast", fast=fast)
     batch = batch_with_ignored_labels(len(tokenizer))
     assert llm(**batch).logits.shape == (3, 12, len(tokenizer))
+
+
+def test_chunked_loss_with_inputs_embeds(tiny_lm_factory):
+    """The AVSR recipe feeds embeddings, not ids: the chunked loss takes them too."""
+    model, tokenizer = tiny_lm_factory(hidden_size=32, intermediate_size=64)
+    batch = batch_with_ignored_labels(len(tokenizer))
+    embeds = model.get_input_embeddings()(batch["input_ids"])
+    inputs = {"inputs_embeds": embeds, "attention_mask": batch["attention_mask"], "labels": batch["labels"]}
+    model.train()
+    ref = model(**inputs).loss
+    install_chunked_loss(model, chunk_tokens=5)
+    out = model(**inputs)
+    assert out.logits is None
+    torch.testing.assert_close(out.loss, ref, rtol=1e-5, atol=1e-6)
