@@ -74,3 +74,32 @@ def test_objectives_refuse_packed_batches(tiny_lm):
     check_packing(batch, [])  # plain CE: fine
     with pytest.raises(ValueError, match="data.packing=false"):
         check_packing(batch, ["decorr"])
+
+
+def test_datamodule_packs_training_batches_only(tiny_lm):
+    from pathlib import Path
+
+    from data.text.datamodule import TextDataModule
+
+    fixtures = Path(__file__).parent / "fixtures"
+    _, tokenizer = tiny_lm
+    data = TextDataModule(
+        str(fixtures / "tiny_sft.jsonl"),
+        str(fixtures / "tiny_sft_val.jsonl"),
+        max_length=256,
+        batch_size=4,
+        packing=True,
+    )
+    data.connect_tokenizer(tokenizer)
+    data.setup()
+    train = next(iter(data.train_dataloader()))
+    val = next(iter(data.val_dataloader()))
+    assert "position_ids" in train and train["input_ids"].shape[0] < 4  # 4 short examples, fewer rows
+    assert "position_ids" not in val
+
+
+def test_step_timer_counts_overlapping_kernels_once():
+    from benchmarks.step_timer import union_length
+
+    assert union_length([(0, 10), (5, 15), (20, 25)]) == 20
+    assert union_length([]) == 0
