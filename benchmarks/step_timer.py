@@ -7,7 +7,7 @@ steps/s: the median interval between consecutive `on_train_batch_end` calls afte
 whole loop: data loading, forward, backward, optimizer, logging, callbacks), and the mean over the same
 steps. GPU busy: `torch.profiler` over `profile_steps` steps after the warm-up; the union of the CUDA
 kernel and memcpy intervals (kineto's device events) divided by the wall time of those steps, with the
-device synchronised at both ends. Tokens: non-pad tokens (attention mask) and all positions of the batches.
+device synchronised at both ends. first_loss: the loss of the first step (one host sync). Tokens: non-pad tokens (attention mask) and all positions of the batches.
 """
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ class StepTimer(L.Callback):
         self.ends: list[float] = []
         self.records: list[tuple[float, int, int]] = []  # (time, real tokens, positions) of timed steps
         self.profiler = None
-        self.profile_start = self.busy = None
+        self.profile_start = self.busy = self.first_loss = None
 
     def _sync(self):
         if torch.cuda.is_available():
@@ -67,6 +67,9 @@ class StepTimer(L.Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         step = len(self.ends)
         self.ends.append(time.perf_counter())
+        if step == 0:  # the first step's loss (same seed and batch): plain and fast rows must agree
+            loss = outputs["loss"] if isinstance(outputs, dict) else outputs
+            self.first_loss = float(loss.detach()) if loss is not None else None
         if self.profiler is not None and step == self.warmup + self.profile_steps - 1:
             self._sync()
             wall = time.perf_counter() - self.profile_start
@@ -82,7 +85,7 @@ class StepTimer(L.Callback):
     def on_train_end(self, trainer, pl_module):
         times = [t for t, _, _ in self.records]
         gaps = [b - a for a, b in zip(times, times[1:])]
-        result = {"steps": len(gaps), "busy": self.busy}
+        result = {"steps": len(gaps), "busy": self.busy, "first_loss": self.first_loss}
         if gaps:
             span = times[-1] - times[0]
             result.update(
