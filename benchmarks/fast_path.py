@@ -4,6 +4,7 @@
     python benchmarks/fast_path.py lm1b    --tokenizer .gpu/tokenizer --json lm1b.json      # 1B shape
     python benchmarks/fast_path.py packing --tokenizer .gpu/tokenizer --json packing.json \
         --sft-file artifacts/data/demo_sft/train.jsonl
+    python benchmarks/fast_path.py avsr    --tokenizer .gpu/tokenizer --json avsr.json      # AVSR clips/s
     python benchmarks/fast_path.py lm1b --tiny --json /tmp/lm1b_tiny.json                   # CPU check
 
 small: `train.py experiment=lm_sft` with a random SmolLM2-135M-shaped model (576 wide, 30 layers, 9 heads,
@@ -20,6 +21,10 @@ issue names), the recipe on the plain path, the recipe on the fast path without 
 packing: the recipe on the fast path at 1B shape, the same examples per step (batch of --pack-batch
 examples) padded to the longest (rounded to 64) or packed into rows of --pack-len; real (non-pad) tokens/s.
 Data: the SFT demo file and a long-tailed synthetic length distribution (lognormal, capped at --pack-len).
+
+avsr: the AVSR recipe (audio-visual, --avsr-batch clips of 2, 8 and 24 s, random weights): the demo shape
+(Whisper tiny.en-sized encoder, ResNet-18 lips, SmolLM2-135M shape) and the paper shape (Whisper-medium-sized
+encoder, Llama-3.2-1B shape); the Whisper encoder on true length, and once on its 30 s window; clips/s.
 """
 
 from __future__ import annotations
@@ -340,9 +345,123 @@ def packing(args) -> list[dict]:
     return rows
 
 
+# ---- AVSR step ----------------------------------------------------------------------------------------
+AVSR_SHAPES = {  # encoder (Whisper d_model, layers, heads), LLM shape
+    "demo": ((384, 4, 6), SMOLLM2),  # Whisper tiny.en-sized + SmolLM2-135M shape
+    "paper": ((1024, 24, 16), LLAMA_1B),  # Whisper-medium-sized + Llama-3.2-1B shape
+    "tiny": ((32, 2, 2), TINY),
+}
+WORDS = "the a speech model reads lips and hears words in noise on every clip of this test".split()
+
+
+def whisper_encoder(width: int, layers: int, heads: int, true_length: bool, device: str):
+    from transformers import WhisperConfig
+    from transformers.models.whisper.modeling_whisper import WhisperEncoder
+
+    from models.avsr.audio_encoder import WhisperAudioEncoder
+
+    config = WhisperConfig(
+        num_mel_bins=80,
+        d_model=width,
+        encoder_layers=layers,
+        encoder_attention_heads=heads,
+        encoder_ffn_dim=4 * width,
+        decoder_layers=1,
+        decoder_attention_heads=heads,
+        decoder_ffn_dim=4 * width,
+        max_source_positions=1500,
+    )
+    with torch.device(device):
+        encoder = WhisperEncoder(config)
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    return WhisperAudioEncoder(encoder.to(dtype).eval(), true_length=true_length, frozen=True)
+
+
+def avsr_batches(batch: int, seconds: float, count: int, seed: int = 0) -> list[dict]:
+    gen = torch.Generator().manual_seed(seed)
+    samples, frames = int(seconds * 16000), int(seconds * 25)
+    out = []
+    for i in range(count):
+        words = max(2, int(seconds * 2.5))
+        texts = [" ".join(WORDS[(i + j + k) % len(WORDS)] for k in range(words)) for j in range(batch)]
+        out.append(
+            {
+                "text": texts,
+                "ids": [f"{i}-{j}" for j in range(batch)],
+                "skipped": {"too_long": 0, "unreadable": 0},
+                "audio": 0.1 * torch.randn(batch, samples, generator=gen),
+                "audio_lengths": torch.full((batch,), samples),
+                "video": torch.randn(batch, frames, 1, 88, 88, generator=gen),
+                "video_lengths": torch.full((batch,), frames),
+                "attention_mask": torch.ones(batch, 1),  # StepTimer counts one "token" per clip
+            }
+        )
+    return out
+
+
+def avsr_row(shape_name: str, seconds: float, true_length: bool, kernels: str, args) -> dict:
+    from models.avsr.projector import ModalityProjector
+    from models.avsr.video_encoder import ResNet18VideoEncoder
+    from recipes.avsr import AVSRRecipe
+
+    device = "cpu" if args.tiny else "cuda"
+    (width, layers, heads), llm_shape = AVSR_SHAPES[shape_name]
+    batch = 2 if args.tiny else args.avsr_batch
+    row = {"row": f"avsr {shape_name}", "seconds": seconds, "true_length": true_length, "kernels": kernels}
+    recipe = None
+    try:
+        fast = {"require_cuda": not args.tiny, **({"compile": "none"} if args.tiny else {})}
+        recipe = AVSRRecipe(
+            backbone=partial(
+                random_llama, llm_shape, args.tokenizer, device, "fp32" if args.tiny else "bf16"
+            ),
+            optimizer=partial(torch.optim.AdamW, lr=1e-4),
+            prompt="Transcribe the speech from the audio and the lip movements.",
+            modality="audiovisual",
+            audio_encoder=partial(whisper_encoder, width, layers, heads, true_length, device),
+            video_encoder=partial(ResNet18VideoEncoder, base_channels=8 if args.tiny else 64),
+            audio_projector=partial(ModalityProjector, rate=4),
+            video_projector=partial(ModalityProjector, rate=1, compression="avg_pool", layer_norm=True),
+            lora={"r": 16, "alpha": 32, "dropout": 0.05, "target_modules": "all-linear"},
+            kernels=kernels,
+            fast=fast,
+        )
+        data = avsr_batches(batch, seconds, args.warmup + args.steps + 2)
+        loader = torch.utils.data.DataLoader(data, batch_size=None)
+        if device == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        with tempfile.TemporaryDirectory() as tmp:
+            result = fit_recipe(recipe, loader, args.steps, args.warmup, device, Path(tmp) / "t.json")
+        row.update(result)
+        row["clips_per_s"] = result.get("real_tokens_per_s")
+    except torch.OutOfMemoryError:
+        row["error"] = "OOM"
+    except Exception as err:  # noqa: BLE001
+        row["error"] = f"{type(err).__name__}: {err}"[:1500]
+    finally:
+        del recipe
+        gc.collect()
+        if device == "cuda":
+            torch.cuda.empty_cache()
+    print(json.dumps(row), flush=True)
+    return row
+
+
+def avsr(args) -> list[dict]:
+    """clips/s of the AVSR training step (audio-visual, B clips), true-length vs 30 s Whisper window."""
+    shapes = ["tiny"] if args.tiny else ["demo", "paper"]
+    seconds = (1, 2) if args.tiny else (2, 8, 24)
+    plan = [(s, sec, True, "fast") for s in shapes for sec in seconds]
+    plan += [(s, seconds[0], False, "fast") for s in shapes]  # the 30 s window at the shortest clip
+    plan += [(s, seconds[1], True, "plain") for s in shapes]
+    if args.rows:  # e.g. demo:8:1:fast
+        plan = [(s, float(sec), t == "1", k) for s, sec, t, k in (r.split(":") for r in args.rows.split(","))]
+    return [avsr_row(*item, args) for item in plan]
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("section", choices=["small", "lm1b", "packing"])
+    parser.add_argument("section", choices=["small", "lm1b", "packing", "avsr"])
     parser.add_argument("--json", required=True)
     parser.add_argument("--tokenizer", default=None, help="an HF tokenizer folder (the SmolLM2 one)")
     parser.add_argument("--tiny", action="store_true", help="tiny shapes on CPU (a check, not a measurement)")
@@ -351,13 +470,14 @@ def main(argv=None):
     parser.add_argument("--sft-file", default=None)
     parser.add_argument("--pack-len", type=int, default=2048)
     parser.add_argument("--pack-batch", type=int, default=32)
+    parser.add_argument("--avsr-batch", type=int, default=8, help="clips per AVSR step")
     parser.add_argument("--rows", default=None, help="small: row indices (0,1,..); lm1b: row names")
     parser.add_argument("--timeout", type=int, default=240, help="seconds per train.py run")
     args = parser.parse_args(argv)
     args.steps = args.steps or (2 if args.tiny else 8)
     args.warmup = args.warmup if args.warmup is not None else (1 if args.tiny else 3)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    rows = {"small": small, "lm1b": lm1b, "packing": packing}[args.section](args)
+    rows = {"small": small, "lm1b": lm1b, "packing": packing, "avsr": avsr}[args.section](args)
     env = {
         "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
         "torch": torch.__version__,

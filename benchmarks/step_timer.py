@@ -80,7 +80,8 @@ class StepTimer(L.Callback):
         if step >= self.warmup + self.profile_steps:  # timed steps (the first one only opens the window)
             mask = batch.get("attention_mask")
             real = int(mask.sum()) if mask is not None else batch["input_ids"].numel()
-            self.records.append((time.perf_counter(), real, batch["input_ids"].numel()))
+            positions = batch["input_ids"].numel() if "input_ids" in batch else real
+            self.records.append((time.perf_counter(), real, positions))
 
     def on_train_end(self, trainer, pl_module):
         times = [t for t, _, _ in self.records]
