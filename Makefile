@@ -32,6 +32,7 @@ format: setup
 # here it runs on tiny shapes, to check the script.
 bench: setup
 	$(BIN)/python benchmarks/objective_throughput.py $(if $(GPU),,--tiny) --repeats 2 --json artifacts/bench/objectives.json
+	$(if $(GPU),PYTHON=$(BIN)/python OUT=artifacts/bench bash benchmarks/gpu_fastpath.sh,$(BIN)/python benchmarks/fast_path.py lm1b --tiny --rows bare,plain,fast --json artifacts/bench/fastpath_tiny.json)
 
 clean:
 	rm -rf outputs .pytest_cache

@@ -28,12 +28,13 @@ from models.attention_edit import (
     heads_json,
     single_head,
 )
+from models.segments import IGNORE_INDEX
 
 
 @torch.no_grad()
 def mean_token_nll(model: torch.nn.Module, batch: dict) -> float:
     """Mean next-token cross-entropy (nats) over the real tokens of a right-padded batch."""
-    labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+    labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, IGNORE_INDEX)
     return float(model(**batch, labels=labels).loss)
 
 

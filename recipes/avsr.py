@@ -45,6 +45,7 @@ class AVSRRecipe(L.LightningModule):
     objectives: {name: Objective}; optimizer / scheduler: partials; ce_weight: weight of the transcript CE.
     generation: kwargs of `AVSRModel.generate` for validation and test (max_new_tokens, num_beams).
     seed: seeds objective randomness per step.
+    kernels / fast: the LLM's `plain` or `fast` path (models/fast.py; plain without CUDA).
     """
 
     def __init__(
@@ -67,6 +68,8 @@ class AVSRRecipe(L.LightningModule):
         generation: Mapping | None = None,
         gradient_checkpointing: bool = False,
         seed: int = 0,
+        kernels: str = "plain",
+        fast: Mapping | None = None,
     ):
         super().__init__()
         self.save_hyperparameters(
@@ -92,7 +95,9 @@ class AVSRRecipe(L.LightningModule):
                 f"objective {rewriters} rewrites token-id batches and runs with the causal LM recipe only, "
                 "not with AVSR: remove it from `objective` (e.g. objective=[decorr])"
             )
-        llm, self.tokenizer = prepare_llm(backbone, self.objectives, lora, None, gradient_checkpointing)
+        llm, self.tokenizer = prepare_llm(
+            backbone, self.objectives, lora, None, gradient_checkpointing, kernels, fast
+        )
         width = llm.config.hidden_size
         parts = {}
         for name, build_encoder, build_projector in (

@@ -13,6 +13,7 @@ from torchmetrics import MeanMetric
 from models import segments as seg
 from models.attention_capture import disable_capture
 from models.lora import log_parameter_counts
+from models.packing import check_packing, llm_inputs
 from models.segments import IGNORE_INDEX
 from recipes.checkpoint import keep_trainable_state
 from recipes.llm_setup import prepare_llm
@@ -34,6 +35,7 @@ class CausalLMRecipe(L.LightningModule):
     trainable: {"freeze": [regex], "unfreeze": [regex]} applied after LoRA.
     gradient_checkpointing: trade compute for activation memory.
     seed: seeds objective randomness per step (MEAP masks, ADL row samples), so resumes match.
+    kernels / fast: `plain` (HF + PEFT) or `fast` (models/fast.py, settings in `fast`; plain without CUDA).
     """
 
     def __init__(
@@ -47,12 +49,14 @@ class CausalLMRecipe(L.LightningModule):
         trainable: Mapping | None = None,
         gradient_checkpointing: bool = False,
         seed: int = 0,
+        kernels: str = "plain",
+        fast: Mapping | None = None,
     ):
         super().__init__()
         self.save_hyperparameters(ignore=["backbone", "optimizer", "scheduler", "objectives"])
         self.objectives = ObjectiveSet(objectives)
         self.llm, self.tokenizer = prepare_llm(
-            backbone, self.objectives, lora, trainable, gradient_checkpointing
+            backbone, self.objectives, lora, trainable, gradient_checkpointing, kernels, fast
         )
         self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
         self.ce_weight, self.seed = ce_weight, seed
@@ -64,8 +68,9 @@ class CausalLMRecipe(L.LightningModule):
 
     # ---- steps -----------------------------------------------------------------------------------
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        check_packing(batch, self.objectives.objectives)
         batch = self.objectives.transform_batch(batch, self.global_step, self.seed)
-        inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "labels")}
+        inputs = llm_inputs(batch)
         outputs, ctx = self.objectives.forward(self.llm, inputs, batch, self.global_step)
         losses = self.objectives.losses(ctx)
         batch_size = batch["input_ids"].shape[0]

@@ -10,6 +10,7 @@ from torch.utils.data import DataLoader, Subset
 
 from data.text.collate import PadCollator
 from data.text.datasets import SFTDataset, TextCorpusDataset
+from data.text.packing import PackingCollator
 from data.text.sampler import EpochSeededSampler
 
 log = logging.getLogger(__name__)
@@ -22,6 +23,8 @@ class TextDataModule(L.LightningDataModule):
     train_file: JSONL (format=sft) or plain text (format=lm).
     val_file: optional; otherwise `val_fraction` of the training rows is held out (seeded).
     prepare: optional callable run once before reading (e.g. the demo corpus builder).
+    packing: pack each training batch's examples into rows of `max_length` (data/text/packing.py:
+        position ids restart per document, no attention across documents); validation stays padded.
     The tokenizer comes from the recipe through `connect_tokenizer` (train.py calls it).
     """
 
@@ -38,6 +41,7 @@ class TextDataModule(L.LightningDataModule):
         strict: bool = False,
         seed: int = 0,
         prepare=None,
+        packing: bool = False,
     ):
         super().__init__()
         if format not in FORMATS:
@@ -46,7 +50,7 @@ class TextDataModule(L.LightningDataModule):
         self.max_length, self.batch_size = max_length, batch_size
         self.eval_batch_size = eval_batch_size or batch_size
         self.val_fraction, self.num_workers, self.strict, self.seed = val_fraction, num_workers, strict, seed
-        self.prepare = prepare
+        self.prepare, self.packing = prepare, packing
         self.tokenizer = None
         self.train_set = self.val_set = None
 
@@ -90,12 +94,14 @@ class TextDataModule(L.LightningDataModule):
 
     def _loader(self, dataset, batch_size: int, shuffle: bool) -> DataLoader:
         sampler = EpochSeededSampler(len(dataset), self.seed) if shuffle else None
+        pad = self.tokenizer.pad_token_id
+        collate = PackingCollator(pad, self.max_length) if shuffle and self.packing else PadCollator(pad)
         return DataLoader(
             dataset,
             batch_size=batch_size,
             sampler=sampler,
             num_workers=self.num_workers,
-            collate_fn=PadCollator(self.tokenizer.pad_token_id),
+            collate_fn=collate,
             persistent_workers=self.num_workers > 0,
         )
 

@@ -6,6 +6,7 @@ produced into one scalar. Objectives are instantiated from `conf/objective/<name
 the active objectives need:
 
 - `needs_hidden_states`: run the LLM with `output_hidden_states=True`;
+- `needs_logits`: the objective reads `ctx.logits` (the fast path otherwise computes the CE without them);
 - `attention_layers(num_layers)`: layers whose post-RoPE queries/keys are captured (fused attention kept,
   see `models/attention_capture.py`); None = no capture;
 - `setup(model, tokenizer)`: called once before LoRA is applied (e.g. MEAP adds `[MASK]`); returns token ids
@@ -33,7 +34,7 @@ class ObjectiveContext:
     batch: the (possibly transformed) batch; always has `attention_mask` [B,T] and `labels` [B,T]
         (-100 = no target; HF shifts internally), `input_ids` [B,T] for text recipes, and for AVSR
         `segments` [B,T] long (see `models/segments.py`).
-    logits: [B,T,V] student logits.
+    logits: [B,T,V] student logits (None on the fast path unless an objective `needs_logits`).
     hidden_states: HF tuple of L+1 tensors [B,T,D] (index 0 = embeddings, L = final normed state) or None.
     attention: layer index -> captured query [B,H,T,hd] / key [B,KV,T,hd].
     model: the (PEFT-wrapped) LLM, e.g. for a teacher-free objective that needs config.
@@ -41,7 +42,7 @@ class ObjectiveContext:
     """
 
     batch: dict
-    logits: torch.Tensor
+    logits: torch.Tensor | None
     hidden_states: tuple[torch.Tensor, ...] | None = None
     attention: dict[int, CapturedQueryKey] = field(default_factory=dict)
     model: torch.nn.Module | None = None
@@ -53,6 +54,7 @@ class Objective:
 
     name: str = "objective"
     needs_hidden_states: bool = False
+    needs_logits: bool = False
     reduction: str = "mean"
     rewrites_token_ids: bool = False  # transform_batch edits `input_ids` (text recipes only)
 

@@ -45,6 +45,7 @@ class LeafDistillationObjective(Objective):
 
     name = "leaf"
     reduction = "sum"
+    needs_logits = True
 
     def __init__(
         self,

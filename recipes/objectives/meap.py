@@ -100,4 +100,4 @@ class MeapObjective(Objective):
         real = ctx.batch["attention_mask"].bool()
         masked = (ctx.batch["input_ids"] == self.mask_token_id) & real
         fraction = masked.sum().float() / real.sum().clamp_min(1).float()
-        return fraction.to(ctx.logits.device)
+        return fraction

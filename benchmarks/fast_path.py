@@ -1,0 +1,491 @@
+"""The fast path against the plain path, through the recipe and Lightning (issue 9). One section per call:
+
+    python benchmarks/fast_path.py small   --tokenizer .gpu/tokenizer --json small.json     # train.py runs
+    python benchmarks/fast_path.py lm1b    --tokenizer .gpu/tokenizer --json lm1b.json      # 1B shape
+    python benchmarks/fast_path.py packing --tokenizer .gpu/tokenizer --json packing.json \
+        --sft-file artifacts/data/demo_sft/train.jsonl
+    python benchmarks/fast_path.py avsr    --tokenizer .gpu/tokenizer --json avsr.json      # AVSR clips/s
+    python benchmarks/fast_path.py lm1b --tiny --json /tmp/lm1b_tiny.json                   # CPU check
+
+small: `train.py experiment=lm_sft` with a random SmolLM2-135M-shaped model (576 wide, 30 layers, 9 heads,
+3 KV heads, vocab 49152; real weights change nothing here), steps/s from benchmarks/step_timer.py
+(median interval between training steps after a warm-up, Lightning included) and GPU busy fraction
+(torch profiler: CUDA kernel time / wall time over profiled steps). plain = `trainer=gpu`;
+fast = `model.kernels=fast trainer=gpu_fast`.
+
+lm1b: random Llama-3.2-1B shape (2048 wide, 16 layers, 32 heads, 8 KV heads, 8192 MLP, vocab 128256,
+tied), LoRA r16 on all linear layers, bf16 weights, bf16-mixed Lightning, one fixed random batch (first
+quarter of each row prompt). Rows: the bare HF+PEFT loop of objective_throughput.py (the baseline the
+issue names), the recipe on the plain path, the recipe on the fast path without and with each objective.
+
+packing: the recipe on the fast path at 1B shape, the same examples per step (batch of --pack-batch
+examples) padded to the longest (rounded to 64) or packed into rows of --pack-len; real (non-pad) tokens/s.
+Data: the SFT demo file and a long-tailed synthetic length distribution (lognormal, capped at --pack-len).
+
+avsr: the AVSR recipe (audio-visual, --avsr-batch clips of 2, 8 and 24 s, random weights): the demo shape
+(Whisper tiny.en-sized encoder, ResNet-18 lips, SmolLM2-135M shape) and the paper shape (Whisper-medium-sized
+encoder, Llama-3.2-1B shape); the Whisper encoder on true length, and once on its 30 s window; clips/s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import math
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from functools import partial
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from benchmarks.step_timer import StepTimer  # noqa: E402
+
+SMOLLM2 = dict(hidden_size=576, num_layers=30, num_heads=9, num_kv_heads=3, intermediate_size=1536)
+LLAMA_1B = dict(
+    hidden_size=2048, num_layers=16, num_heads=32, num_kv_heads=8, intermediate_size=8192, vocab_size=128256
+)
+TINY = dict(hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=128, vocab_size=None)
+
+
+# ---- small model: real train.py runs ---------------------------------------------------------------
+def train_py(overrides: list[str], out: Path, timeout: int) -> dict:
+    command = [sys.executable, "train.py", *overrides]
+    started = time.perf_counter()
+    proc = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+    row = {"command": "python train.py " + " ".join(overrides), "wall_s": time.perf_counter() - started}
+    if proc.returncode != 0 or not out.exists():
+        row["error"] = (proc.stdout + proc.stderr)[-3000:]
+        return row
+    row.update(json.loads(out.read_text()))
+    return row
+
+
+def small(args) -> list[dict]:
+    work = Path(tempfile.mkdtemp(prefix="fastpath_small_"))
+    shape = TINY if args.tiny else SMOLLM2
+    common = ["experiment=lm_sft", "backbone=tiny_llama", "logger=none", "callbacks=none"]
+    common += [f"backbone.{k}={v}" for k, v in shape.items() if v is not None and k != "vocab_size"]
+    if args.tokenizer:
+        common.append(f"backbone.tokenizer_source={Path(args.tokenizer).resolve()}")
+    common += ["validate_before_training=false", "+trainer.limit_val_batches=0", "trainer.max_epochs=1000"]
+    from data.text.demo_corpus import build_demo_text
+
+    text_file = work / "corpus.txt"
+    build_demo_text(text_file)
+    gpu = not args.tiny
+    plain = ["trainer=gpu"] if gpu else ["trainer=cpu"]
+    fast = ["model.kernels=fast", "trainer=gpu_fast"] if gpu else ["model.kernels=fast"]
+    if args.tiny:
+        fast += ["model.fast.require_cuda=false", "model.fast.compile=none"]
+    lm = ["data=text_lm", f"data.train_file={text_file}", "data.num_workers=0"]
+    plan = [
+        ("plain", "sft B=8 T<=128", plain, [], 40, 10, 0),
+        ("fast", "sft B=8 T<=128", fast, [], 300, 60, 10),
+        ("fast", "lm B=32 T=256", fast, lm + ["data.batch_size=32", "data.max_length=256"], 200, 30, 10),
+        ("plain", "lm B=32 T=256", plain, lm + ["data.batch_size=32", "data.max_length=256"], 30, 8, 5),
+    ]
+    if args.tiny:
+        plan = [(k, d, c, x, 6, 2, 2 if p else 0) for k, d, c, x, _, _, p in plan]
+    if args.rows:  # e.g. --rows 1,2
+        plan = [plan[int(i)] for i in args.rows.split(",")]
+    rows = []
+    for kind, data, config, extra, steps, warmup, profile in plan:
+        out = work / f"{kind}_{len(rows)}.json"
+        timer = [
+            "+callbacks.step_timer._target_=benchmarks.step_timer.StepTimer",
+            f"+callbacks.step_timer.out={out}",
+            f"+callbacks.step_timer.warmup={warmup}",
+            f"+callbacks.step_timer.profile_steps={profile}",
+        ]
+        overrides = [*common, *config, *extra, f"trainer.max_steps={steps}", *timer]
+        overrides.append(f"hydra.run.dir={work / f'run_{len(rows)}'}")
+        row = {"path": kind, "data": data, **train_py(overrides, out, timeout=args.timeout)}
+        print(json.dumps({k: v for k, v in row.items() if k != "command"}), flush=True)
+        rows.append(row)
+    return rows
+
+
+# ---- 1B shape through the recipe ---------------------------------------------------------------------
+def random_llama(shape: dict, tokenizer_source: str | None, device: str, dtype: str, seed: int = 0):
+    """(model, tokenizer): random Llama of `shape` built directly on `device` (a 1B init on CPU is slow)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from models.causal_lm import build_tiny_llama, resolve_dtype
+
+    if tokenizer_source is None:  # CPU check: the tiny builder with the offline SmolLM2 tokenizer
+        return build_tiny_llama(
+            **{k if k != "num_layers" else "num_layers": v for k, v in shape.items() if v is not None},
+            special_tokens={"eos_token": "<|im_end|>"},
+        )
+    from models.causal_lm import load_tokenizer
+
+    tokenizer = load_tokenizer(tokenizer_source)
+    config = LlamaConfig(
+        vocab_size=shape["vocab_size"] or len(tokenizer),
+        hidden_size=shape["hidden_size"],
+        intermediate_size=shape["intermediate_size"],
+        num_hidden_layers=shape["num_layers"],
+        num_attention_heads=shape["num_heads"],
+        num_key_value_heads=shape["num_kv_heads"],
+        max_position_embeddings=8192,
+        rope_parameters={"rope_type": "default", "rope_theta": 500000.0},
+        tie_word_embeddings=True,
+        use_cache=False,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    torch.manual_seed(seed)
+    with torch.device(device):
+        model = LlamaForCausalLM(config)
+    model = model.to(resolve_dtype(dtype))
+    model.set_attn_implementation("sdpa")
+    return model, tokenizer
+
+
+def build_objectives(name: str, backbone) -> dict:
+    from recipes.objectives.adl import AttentionDiversityObjective
+    from recipes.objectives.decorr import BosDecorrelationObjective
+    from recipes.objectives.leaf import LeafDistillationObjective
+    from recipes.objectives.meap import MeapObjective
+
+    if name == "none":
+        return {}
+    if name == "decorr":
+        return {"decorr": BosDecorrelationObjective(weight=1.0e4, tokens="input_side")}
+    if name == "adl":
+        return {"adl": AttentionDiversityObjective(weight=1.0, num_rows=64)}
+    if name == "meap":
+        return {"meap": MeapObjective(mode="pretrain", ratio=0.15)}
+    if name == "leaf":  # teacher: the full-depth model; student: every other layer (as lm_leaf)
+        return {"leaf": LeafDistillationObjective(teacher=backbone, temperature=1.0)}
+    raise ValueError(name)
+
+
+def fixed_batches(batch: int, length: int, vocab: int, seed: int = 1):
+    gen = torch.Generator().manual_seed(seed)
+    input_ids = torch.randint(3, vocab, (batch, length), generator=gen)
+    labels = input_ids.clone()
+    labels[:, : length // 4] = -100
+    return {"input_ids": input_ids, "labels": labels, "attention_mask": torch.ones_like(input_ids)}
+
+
+class Repeat(torch.utils.data.IterableDataset):
+    def __init__(self, batch: dict, count: int):
+        self.batch, self.count = batch, count
+
+    def __iter__(self):
+        for _ in range(self.count):
+            yield {k: v.clone() for k, v in self.batch.items()}
+
+
+def fit_recipe(recipe, loader, steps: int, warmup: int, device: str, out: Path) -> dict:
+    import lightning as L
+
+    timer = StepTimer(str(out), warmup=warmup)
+    trainer = L.Trainer(
+        accelerator="gpu" if device == "cuda" else "cpu",
+        devices=1,
+        precision="bf16-mixed" if device == "cuda" else "32-true",
+        max_steps=warmup + steps + 1,
+        max_epochs=1000,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        logger=False,
+        callbacks=[timer],
+        gradient_clip_val=1.0,
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
+        log_every_n_steps=50,
+    )
+    trainer.fit(recipe, train_dataloaders=loader)
+    return json.loads(out.read_text())
+
+
+def recipe_row(label, kernels, objective, batch, length, args, fast_overrides=None, data=None) -> dict:
+    from models.layer_subset import build_layer_subset  # noqa: F401  (LeaF student)
+    from recipes.causal_lm import CausalLMRecipe
+
+    device = "cpu" if args.tiny else "cuda"
+    shape = TINY if args.tiny else LLAMA_1B
+    row = {"row": label, "kernels": kernels, "objective": objective, "batch": batch, "seq_len": length}
+    recipe = None
+    try:
+        backbone = partial(random_llama, shape, args.tokenizer, device, "fp32" if args.tiny else "bf16")
+        student = backbone
+        if objective == "leaf":
+            from models.layer_subset import build_layer_subset
+
+            student = partial(build_layer_subset, backbone=backbone, layers="::2")
+        fast = {
+            "require_cuda": not args.tiny,
+            **({"compile": "none"} if args.tiny else {}),
+            **(fast_overrides or {}),
+        }
+        recipe = CausalLMRecipe(
+            backbone=student,
+            optimizer=partial(torch.optim.AdamW, lr=1e-4),
+            lora={"r": 16, "alpha": 32, "dropout": 0.05, "target_modules": "all-linear"},
+            objectives=build_objectives(objective, backbone),
+            ce_weight=0.0 if objective == "leaf" else 1.0,
+            kernels=kernels,
+            fast=fast,
+        )
+        if data is None:
+            vocab = recipe.llm.get_input_embeddings().weight.shape[0]
+            loader = Repeat(fixed_batches(batch, length, min(vocab, 49152)), args.warmup + args.steps + 2)
+        else:
+            loader = data
+        if device == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        with tempfile.TemporaryDirectory() as tmp:
+            result = fit_recipe(recipe, loader, args.steps, args.warmup, device, Path(tmp) / "t.json")
+        row.update(result)
+        row["tokens_per_s"] = result.get("real_tokens_per_s")
+    except torch.OutOfMemoryError:
+        row["error"] = "OOM"
+    except Exception as err:  # noqa: BLE001  (one failed row must not lose the table)
+        row["error"] = f"{type(err).__name__}: {err}"[:1500]
+    finally:
+        del recipe
+        gc.collect()
+        if device == "cuda":
+            torch.cuda.empty_cache()
+    print(json.dumps(row), flush=True)
+    return row
+
+
+def bare_baseline(args, batch, length) -> dict:
+    """The issue's baseline: plain HF + PEFT loop (benchmarks/objective_throughput.py, `none`)."""
+    from benchmarks import objective_throughput as ot
+
+    shape = ot.TINY if args.tiny else ot.LLAMA_1B
+    device = torch.device("cpu" if args.tiny else "cuda")
+    dtype = torch.float32 if args.tiny else torch.bfloat16
+    row = ot.measure("none", shape, batch, length, args.steps, args.warmup, device, dtype)
+    row = {"row": "bare HF+PEFT", "kernels": "bare", **row}
+    print(json.dumps(row), flush=True)
+    return row
+
+
+def lm1b(args) -> list[dict]:
+    B, T = (2, 64) if args.tiny else (8, 2048)
+    long_b, long_t = (1, 256) if args.tiny else (1, 8192)
+    plan = {
+        "bare": lambda: bare_baseline(args, B, T),
+        "plain": lambda: recipe_row("recipe plain", "plain", "none", B, T, args),
+        "fast": lambda: recipe_row("recipe fast", "fast", "none", B, T, args),
+        "liger": lambda: recipe_row(
+            "recipe fast, liger CE", "fast", "none", B, T, args, {"fused_cross_entropy": "liger"}
+        ),
+        "long": lambda: recipe_row("recipe fast", "fast", "none", long_b, long_t, args),
+        "long_adl": lambda: recipe_row("recipe fast + adl", "fast", "adl", long_b, long_t, args),
+    }
+    for objective in ("decorr", "adl", "meap", "leaf"):
+        plan[objective] = partial(recipe_row, f"recipe fast + {objective}", "fast", objective, B, T, args)
+    default = ["bare", "plain", "fast", "liger", "decorr", "adl", "meap", "leaf", "long", "long_adl"]
+    names = args.rows.split(",") if args.rows else [n for n in default if not (args.tiny and n == "liger")]
+    return [plan[name]() for name in names]
+
+
+# ---- packing -----------------------------------------------------------------------------------------
+def long_tailed_examples(count: int, cap: int, vocab: int, seed: int = 0) -> list[dict]:
+    """Lognormal lengths (median ~cap/12, a tail to cap), the first fifth of each a prompt."""
+    gen = torch.Generator().manual_seed(seed)
+    sizes = torch.exp(math.log(max(8, cap / 12)) + torch.randn(count, generator=gen) * 1.0)
+    examples = []
+    for size in sizes.clamp(8, cap).long().tolist():
+        ids = torch.randint(3, vocab, (size,), generator=gen).tolist()
+        examples.append({"input_ids": ids, "labels": [-100] * (size // 5) + ids[size // 5 :]})
+    return examples
+
+
+def packing(args) -> list[dict]:
+    from torch.utils.data import DataLoader
+
+    from data.text.collate import PadCollator
+    from data.text.datasets import SFTDataset
+    from data.text.packing import PackingCollator
+    from models.causal_lm import load_tokenizer
+
+    cap = 256 if args.tiny else args.pack_len
+    per_step = 8 if args.tiny else args.pack_batch
+    if args.tokenizer:
+        tokenizer = load_tokenizer(args.tokenizer)
+    else:
+        from models.causal_lm import build_tiny_llama
+
+        _, tokenizer = build_tiny_llama(special_tokens={"eos_token": "<|im_end|>"})
+    datasets = {"long-tailed": long_tailed_examples(per_step * (args.warmup + args.steps + 2), cap, 49152)}
+    if args.sft_file:
+        datasets["sft demo"] = SFTDataset(args.sft_file, tokenizer, max_length=cap).examples
+    rows = []
+    for name, examples in datasets.items():
+        lengths = [len(e["input_ids"]) for e in examples]
+        for mode in ("padded", "packed"):
+            collate = (
+                PackingCollator(tokenizer.pad_token_id, cap, pad_to_multiple_of=64)
+                if mode == "packed"
+                else PadCollator(tokenizer.pad_token_id, pad_to_multiple_of=64)
+            )
+            reps = math.ceil(per_step * (args.warmup + args.steps + 2) / len(examples))
+            loader = DataLoader((examples * reps), batch_size=per_step, shuffle=False, collate_fn=collate)
+            row = recipe_row(f"{name} {mode}", "fast", "none", per_step, cap, args, data=loader)
+            row.update(data=name, mode=mode, mean_len=sum(lengths) / len(lengths), max_len=max(lengths))
+            rows.append(row)
+    return rows
+
+
+# ---- AVSR step ----------------------------------------------------------------------------------------
+AVSR_SHAPES = {  # encoder (Whisper d_model, layers, heads), LLM shape
+    "demo": ((384, 4, 6), SMOLLM2),  # Whisper tiny.en-sized + SmolLM2-135M shape
+    "paper": ((1024, 24, 16), LLAMA_1B),  # Whisper-medium-sized + Llama-3.2-1B shape
+    "tiny": ((32, 2, 2), TINY),
+}
+WORDS = "the a speech model reads lips and hears words in noise on every clip of this test".split()
+
+
+def whisper_encoder(width: int, layers: int, heads: int, true_length: bool, device: str):
+    from transformers import WhisperConfig
+    from transformers.models.whisper.modeling_whisper import WhisperEncoder
+
+    from models.avsr.audio_encoder import WhisperAudioEncoder
+
+    config = WhisperConfig(
+        num_mel_bins=80,
+        d_model=width,
+        encoder_layers=layers,
+        encoder_attention_heads=heads,
+        encoder_ffn_dim=4 * width,
+        decoder_layers=1,
+        decoder_attention_heads=heads,
+        decoder_ffn_dim=4 * width,
+        max_source_positions=1500,
+    )
+    with torch.device(device):
+        encoder = WhisperEncoder(config)
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    return WhisperAudioEncoder(encoder.to(dtype).eval(), true_length=true_length, frozen=True)
+
+
+def avsr_batches(batch: int, seconds: float, count: int, seed: int = 0) -> list[dict]:
+    gen = torch.Generator().manual_seed(seed)
+    samples, frames = int(seconds * 16000), int(seconds * 25)
+    out = []
+    for i in range(count):
+        words = max(2, int(seconds * 2.5))
+        texts = [" ".join(WORDS[(i + j + k) % len(WORDS)] for k in range(words)) for j in range(batch)]
+        out.append(
+            {
+                "text": texts,
+                "ids": [f"{i}-{j}" for j in range(batch)],
+                "skipped": {"too_long": 0, "unreadable": 0},
+                "audio": 0.1 * torch.randn(batch, samples, generator=gen),
+                "audio_lengths": torch.full((batch,), samples),
+                "video": torch.randn(batch, frames, 1, 88, 88, generator=gen),
+                "video_lengths": torch.full((batch,), frames),
+                "attention_mask": torch.ones(batch, 1),  # StepTimer counts one "token" per clip
+            }
+        )
+    return out
+
+
+def avsr_row(shape_name: str, seconds: float, true_length: bool, kernels: str, args) -> dict:
+    from models.avsr.projector import ModalityProjector
+    from models.avsr.video_encoder import ResNet18VideoEncoder
+    from recipes.avsr import AVSRRecipe
+
+    device = "cpu" if args.tiny else "cuda"
+    (width, layers, heads), llm_shape = AVSR_SHAPES[shape_name]
+    batch = 2 if args.tiny else args.avsr_batch
+    row = {"row": f"avsr {shape_name}", "seconds": seconds, "true_length": true_length, "kernels": kernels}
+    recipe = None
+    try:
+        fast = {"require_cuda": not args.tiny, **({"compile": "none"} if args.tiny else {})}
+        recipe = AVSRRecipe(
+            backbone=partial(
+                random_llama, llm_shape, args.tokenizer, device, "fp32" if args.tiny else "bf16"
+            ),
+            optimizer=partial(torch.optim.AdamW, lr=1e-4),
+            prompt="Transcribe the speech from the audio and the lip movements.",
+            modality="audiovisual",
+            audio_encoder=partial(whisper_encoder, width, layers, heads, true_length, device),
+            video_encoder=partial(ResNet18VideoEncoder, base_channels=8 if args.tiny else 64),
+            audio_projector=partial(ModalityProjector, rate=4),
+            video_projector=partial(ModalityProjector, rate=1, compression="avg_pool", layer_norm=True),
+            lora={"r": 16, "alpha": 32, "dropout": 0.05, "target_modules": "all-linear"},
+            kernels=kernels,
+            fast=fast,
+        )
+        data = avsr_batches(batch, seconds, args.warmup + args.steps + 2)
+        loader = torch.utils.data.DataLoader(data, batch_size=None)
+        if device == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        with tempfile.TemporaryDirectory() as tmp:
+            result = fit_recipe(recipe, loader, args.steps, args.warmup, device, Path(tmp) / "t.json")
+        row.update(result)
+        row["clips_per_s"] = result.get("real_tokens_per_s")
+    except torch.OutOfMemoryError:
+        row["error"] = "OOM"
+    except Exception as err:  # noqa: BLE001
+        row["error"] = f"{type(err).__name__}: {err}"[:1500]
+    finally:
+        del recipe
+        gc.collect()
+        if device == "cuda":
+            torch.cuda.empty_cache()
+    print(json.dumps(row), flush=True)
+    return row
+
+
+def avsr(args) -> list[dict]:
+    """clips/s of the AVSR training step (audio-visual, B clips), true-length vs 30 s Whisper window."""
+    shapes = ["tiny"] if args.tiny else ["demo", "paper"]
+    seconds = (1, 2) if args.tiny else (2, 8, 24)
+    plan = [(s, sec, True, "fast") for s in shapes for sec in seconds]
+    plan += [(s, seconds[0], False, "fast") for s in shapes]  # the 30 s window at the shortest clip
+    plan += [(s, seconds[1], True, "plain") for s in shapes]
+    if args.rows:  # e.g. demo:8:1:fast
+        plan = [(s, float(sec), t == "1", k) for s, sec, t, k in (r.split(":") for r in args.rows.split(","))]
+    return [avsr_row(*item, args) for item in plan]
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("section", choices=["small", "lm1b", "packing", "avsr"])
+    parser.add_argument("--json", required=True)
+    parser.add_argument("--tokenizer", default=None, help="an HF tokenizer folder (the SmolLM2 one)")
+    parser.add_argument("--tiny", action="store_true", help="tiny shapes on CPU (a check, not a measurement)")
+    parser.add_argument("--steps", type=int, default=None, help="timed steps (default 8; tiny 2)")
+    parser.add_argument("--warmup", type=int, default=None, help="untimed steps (default 3; tiny 1)")
+    parser.add_argument("--sft-file", default=None)
+    parser.add_argument("--pack-len", type=int, default=2048)
+    parser.add_argument("--pack-batch", type=int, default=32)
+    parser.add_argument("--avsr-batch", type=int, default=8, help="clips per AVSR step")
+    parser.add_argument("--rows", default=None, help="small: row indices (0,1,..); lm1b: row names")
+    parser.add_argument("--timeout", type=int, default=240, help="seconds per train.py run")
+    args = parser.parse_args(argv)
+    args.steps = args.steps or (2 if args.tiny else 8)
+    args.warmup = args.warmup if args.warmup is not None else (1 if args.tiny else 3)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    rows = {"small": small, "lm1b": lm1b, "packing": packing, "avsr": avsr}[args.section](args)
+    env = {
+        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+        "torch": torch.__version__,
+        "command": " ".join(sys.argv),
+    }
+    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.json).write_text(json.dumps({"environment": env, "rows": rows}, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# The fast-path table (issue 9) on the lent H200, from the repo root there (benchmarks/RESULTS.md):
+#   bash benchmarks/gpu_fastpath.sh            # results -> $OUT/{small,lm1b,packing,avsr}.json + logs
+# Needs: .whl/ (../shared/gpu/wheels.sh hydra-core omegaconf ... liger-kernel==0.8.5), .gpu/tokenizer (the
+# SmolLM2 tokenizer, save_pretrained) and .gpu/demo_sft_train.jsonl (artifacts/data/demo_sft/train.jsonl).
+# Time limits per section (s): SMALL_S / LM1B_S / PACK_S / AVSR_S (0 skips one); rows: SMALL_ROWS=1,2 LM1B_ROWS=fast,adl.
+# The whole table needs about 15 minutes of device time (three 10-minute calls at most: one section each).
+set -uo pipefail
+OUT=${OUT:-/tmp/out}
+WHL=${WHL:-.whl}
+mkdir -p "$OUT"
+PY=${PYTHON:-python3}
+if [ -d "$WHL" ]; then  # the lent machine: its image lacks hydra & co. (elsewhere: the project's venv)
+  $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site "$WHL"/*.whl \
+    && export PYTHONPATH=/tmp/site:$PWD || exit 1
+fi
+export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false WANDB_MODE=disabled
+nvidia-smi -L
+run() {  # section, time limit (s), extra args
+  timeout "$2" $PY benchmarks/fast_path.py "$1" --tokenizer "${TOKENIZER:-.gpu/tokenizer}" --json "$OUT/$1.json" "${@:3}" 2>&1 \
+    | grep -v -i warn > "$OUT/$1.log"
+  grep '^{' "$OUT/$1.log" | $PY -c 'import json,sys
+for l in sys.stdin:
+    r=json.loads(l); b=r.get("busy") or {}
+    print({k: (round(v,3) if isinstance(v,float) else v[-400:] if k=="error" else v) for k,v in r.items() if k in ("row","path","data","steps_per_s_median","tokens_per_s","real_tokens_per_s","peak_mem_gib","first_loss","clips_per_s","seconds","true_length","kernels","error")} | ({"busy": round(b["gpu_busy_fraction"],3)} if b else {}))'
+}
+[ "${SMALL_S:-300}" -gt 0 ] && run small "${SMALL_S:-300}" ${SMALL_ROWS:+--rows $SMALL_ROWS}
+[ "${LM1B_S:-400}" -gt 0 ] && run lm1b "${LM1B_S:-400}" ${LM1B_ROWS:+--rows $LM1B_ROWS}
+[ "${PACK_S:-200}" -gt 0 ] && run packing "${PACK_S:-200}" --sft-file "${SFT_FILE:-.gpu/demo_sft_train.jsonl}"
+[ "${AVSR_S:-300}" -gt 0 ] && run avsr "${AVSR_S:-300}" ${AVSR_ROWS:+--rows $AVSR_ROWS}
