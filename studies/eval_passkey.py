@@ -75,6 +75,13 @@ def build_trials(
                     break
             at = round(depth * len(chosen))
             haystack = " ".join(chosen[:at] + [needle] + chosen[at:])
+            while len(chosen) > 1 and _raw_length(tokenizer, INTRO + haystack) > length:
+                if at < len(chosen):  # trim a piece after the needle, else one before it
+                    chosen.pop()
+                else:
+                    chosen.pop(0)
+                    at -= 1
+                haystack = " ".join(chosen[:at] + [needle] + chosen[at:])
             trials.append(
                 {
                     "length": length,
@@ -85,6 +92,10 @@ def build_trials(
                 }
             )
     return trials
+
+
+def _raw_length(tokenizer, context: str) -> int:
+    return len(tokenizer(_raw_prompt(context), add_special_tokens=False)["input_ids"])
 
 
 def _raw_prompt(context: str, suffix: str = f" {ANSWER_PREFIX}") -> str:
