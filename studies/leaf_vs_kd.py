@@ -47,11 +47,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", required=True, help="study folder (rerun to resume)")
     parser.add_argument("--smoke", action="store_true", help="tiny model, CPU, a few steps")
-    parser.add_argument("--teacher-steps", type=int, default=None, help="teacher fine-tuning steps (1000)")
-    parser.add_argument("--steps", type=int, default=None, help="distillation steps per arm (600)")
-    parser.add_argument("--batch-size", type=int, default=None, help="rows per step (32)")
+    parser.add_argument("--teacher-steps", type=int, default=None, help="teacher fine-tuning steps (400)")
+    parser.add_argument("--steps", type=int, default=None, help="distillation steps per arm (300)")
+    parser.add_argument("--batch-size", type=int, default=None, help="rows per step (64)")
     parser.add_argument(
-        "--distill-rows", type=int, default=None, help="training rows scored by stage 1 (6000)"
+        "--distill-rows", type=int, default=None, help="training rows scored by stage 1 (4000)"
     )
     parser.add_argument("--seeds", default="0,1", help="comma-separated distillation seeds")
     parser.add_argument("--student-layers", default="::2", help="decoder layers the student keeps")
@@ -76,10 +76,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         }
         if args.smoke
         else {
-            "teacher_steps": 1000,
-            "steps": 600,
-            "batch_size": 32,
-            "distill_rows": 6000,
+            "teacher_steps": 400,
+            "steps": 300,
+            "batch_size": 64,
+            "distill_rows": 4000,
             "eval_batch_size": 64,
             "max_new_tokens": 128,
         }

@@ -53,8 +53,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--out", required=True, help="study folder (rerun to resume)")
     parser.add_argument("--smoke", action="store_true", help="tiny model, CPU, a few steps")
     parser.add_argument("--prepare-only", action="store_true", help="build <out>/data and stop")
-    parser.add_argument("--steps", type=int, default=None, help="steps of the plain-SFT arm (500)")
-    parser.add_argument("--batch-size", type=int, default=None, help="rows per step (32)")
+    parser.add_argument("--steps", type=int, default=None, help="steps of the plain-SFT arm (250)")
+    parser.add_argument("--batch-size", type=int, default=None, help="rows per step (64)")
     parser.add_argument("--seeds", default="0", help="comma-separated training seeds")
     parser.add_argument("--lengths", default=None, help="probe lengths in tokens (256,1024,2048)")
     parser.add_argument("--trials", type=int, default=None, help="trials per length (200)")
@@ -66,8 +66,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         {"steps": 4, "batch_size": 4, "lengths": "64,128", "trials": 6, "eval_batch_size": 8}
         if args.smoke
         else {
-            "steps": 500,
-            "batch_size": 32,
+            "steps": 250,
+            "batch_size": 64,
             "lengths": "256,1024,2048",
             "trials": 200,
             "eval_batch_size": 32,

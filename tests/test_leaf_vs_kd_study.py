@@ -76,7 +76,7 @@ def test_kd_and_leaf_arms_differ_only_in_their_training_file(tmp_path):
     assert cfg.objective.leaf.teacher.source == str(tmp_path / "teacher" / "model")
     assert cfg.model.ce_weight == 0 and cfg.model.lora is None and cfg.student.layers == "::2"
     assert cfg.data.train_file.endswith("leaf_train.jsonl") and cfg.data.val_file.endswith("arith/val.jsonl")
-    assert compose_train(teacher_arm(args).overrides).trainer.max_steps == 1000
+    assert compose_train(teacher_arm(args).overrides).trainer.max_steps == 400
 
 
 @pytest.mark.slow
