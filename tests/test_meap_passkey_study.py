@@ -1,0 +1,118 @@
+"""Study 3 (MEAP pass-key): its SFT data, its probe, its compute matching, and the study end to end."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+
+from data.text.retrieval_sft import build_retrieval_sft, fortune_quotes
+from studies.eval_generate import greedy_generate, paired_difference, wilson_interval
+from studies.eval_passkey import INTRO, NEEDLE, build_trials, evaluate_passkey, extract_key, prompt_ids
+from studies.meap_passkey import make_arms, meap_token_ratio, parse_args
+
+PIECES = [f"Filler sentence number {i} about grass and stones." for i in range(300)]
+
+
+def test_retrieval_sft_rows_answer_from_context_and_split_by_quote(tmp_path):
+    paths = build_retrieval_sft(tmp_path, num_train=60, num_val=20, max_quotes=4)
+    train = [json.loads(line) for line in open(paths["train"])]
+    val = [json.loads(line) for line in open(paths["val"])]
+    assert len(train) == 60 and len(val) == 20
+    for row in train + val:
+        if row["task"] == "find_quote":
+            word = re.search(r'contains the word "(\w+)"', row["prompt"]).group(1)
+            assert row["response"] in row["prompt"] and word in row["response"].lower()
+        elif row["task"] == "nth_quote":
+            n = int(re.search(r"Repeat quote number (\d+)", row["prompt"]).group(1))
+            assert f"Quote {n}: {row['response']}\n" in row["prompt"]
+    answers = lambda rows: {r["response"] for r in rows if r["task"] != "define"}  # noqa: E731
+    assert not answers(train) & answers(val), "validation quotes must never be trained on"
+    assert build_retrieval_sft(tmp_path, num_train=5) == paths  # idempotent: not rebuilt
+    assert len(open(paths["train"]).readlines()) == 60
+
+
+def test_fortune_quotes_are_single_clean_paragraphs():
+    quotes = fortune_quotes()
+    assert len(quotes) > 3000
+    assert all("\n" not in q and 12 <= len(q.split()) <= 70 for q in quotes)
+
+
+def test_passkey_trials_fit_their_length_and_hide_the_key(tiny_lm):
+    _, tokenizer = tiny_lm
+    trials = build_trials(tokenizer, [128, 256], 10, seed=3, pieces=PIECES)
+    assert trials == build_trials(tokenizer, [128, 256], 10, seed=3, pieces=PIECES)  # seeded
+    assert [t["length"] for t in trials] == [128] * 10 + [256] * 10
+    for t in trials:
+        assert re.fullmatch(r"\d{5}", t["key"]) and NEEDLE.format(key=t["key"]) in t["context"]
+        assert t["length"] - 24 <= len(prompt_ids(tokenizer, t, "raw")) <= t["length"]
+        chat = tokenizer.decode(prompt_ids(tokenizer, t, "chat"))
+        assert chat.endswith("What is the pass key?<|im_end|>\n<|im_start|>assistant\nThe pass key is")
+    hay = [t["context"][len(INTRO) :] for t in trials]
+    depths = [h.index(t["key"]) / len(h) for h, t in zip(hay, trials)]
+    assert min(depths) < 0.3 and max(depths) > 0.7  # the needle moves through the haystack
+
+
+def test_extract_key_takes_the_first_number():
+    assert extract_key(" 12345. Remember") == "12345"
+    assert extract_key(" the key is 123456") == "123456"  # a longer number is not a match for 12345
+    assert extract_key(" nothing") is None
+
+
+def test_batched_left_padded_greedy_matches_one_by_one(tiny_lm):
+    model, tokenizer = tiny_lm
+    prompts = [tokenizer("Hello there, my friend")["input_ids"], tokenizer("Hi")["input_ids"]]
+    batched = greedy_generate(model, tokenizer, prompts, max_new_tokens=5, batch_size=2)
+    single = [greedy_generate(model, tokenizer, [p], max_new_tokens=5, batch_size=1)[0] for p in prompts]
+    assert batched == single
+
+
+def test_evaluate_passkey_scores_exact_match(tiny_lm, monkeypatch):
+    model, tokenizer = tiny_lm
+    trials = build_trials(tokenizer, [96], 4, seed=0, pieces=PIECES)
+    outputs = [f" {trials[0]['key']}.", " 99999", f" {trials[2]['key']}1", " none"]
+    monkeypatch.setattr("studies.eval_passkey.greedy_generate", lambda *a, **k: outputs)
+    results = evaluate_passkey(model, tokenizer, trials, "chat")
+    assert [r["correct"] for r in results] == [True, False, False, False]
+
+
+def test_wilson_interval_and_paired_difference():
+    low, high = wilson_interval(5, 10)
+    assert low == pytest.approx(0.2366, abs=1e-4) and high == pytest.approx(0.7634, abs=1e-4)
+    assert wilson_interval(0, 200)[0] == 0.0 and 0.0 < wilson_interval(0, 200)[1] < 0.02
+    diff, lo, hi = paired_difference([True, True, False, True], [False, True, False, False])
+    assert diff == pytest.approx(0.5) and lo < 0.5 < hi
+
+
+def test_meap_arm_gets_fewer_steps_for_the_same_tokens(tmp_path, tiny_lm):
+    _, tokenizer = tiny_lm
+    rows = [{"prompt": "Say it.", "response": " ".join(["word"] * n)} for n in (40, 40, 2, 2)]
+    train = tmp_path / "train.jsonl"
+    train.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    args = parse_args(["--out", str(tmp_path), "--smoke", "--steps", "100", "--min-answer-tokens", "16"])
+    budget = meap_token_ratio(train, tokenizer, args)
+    lengths = [len(tokenizer.apply_chat_template(
+        [{"role": "user", "content": r["prompt"]}, {"role": "assistant", "content": r["response"]}],
+        tokenize=True, return_dict=True)["input_ids"]) for r in rows]  # fmt: skip
+    assert budget["rows_with_copy"] == 2
+    assert budget["ratio"] == pytest.approx((sum(lengths) + lengths[0] + lengths[1]) / sum(lengths))
+    arms = {a.name: a.overrides for a in make_arms(args, budget)}
+    assert f"trainer.max_steps={round(100 / budget['ratio'])}" in arms["meap_s0"]
+    assert "trainer.max_steps=100" in arms["sft_s0"] and "experiment=meap_passkey_meap" in arms["meap_s0"]
+
+
+@pytest.mark.slow
+def test_study_smoke_runs_every_arm_writes_report_and_resumes(tmp_path):
+    from studies.meap_passkey import main
+
+    report = main(["--out", str(tmp_path), "--smoke"])
+    text = report.read_text()
+    for name in ("base", "sft_s0", "meap_s0", "MEAP - SFT"):
+        assert f"| {name}" in text
+    assert (tmp_path / "passkey.png").exists()
+    for arm in ("sft_s0", "meap_s0"):
+        assert json.loads((tmp_path / arm / "results.json").read_text())["step"] == 4
+    first = {p.name: p.stat().st_mtime for p in (tmp_path / "eval").iterdir()}
+    main(["--out", str(tmp_path), "--smoke"])  # resumes: nothing retrained or re-evaluated
+    assert {p.name: p.stat().st_mtime for p in (tmp_path / "eval").iterdir()} == first
