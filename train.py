@@ -19,6 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from harness.config_check import check_top_level_keys
 from harness.instantiate import instantiate_named
+from harness.resume import newest_checkpoint
 from harness.run_dir import register_resolvers
 from harness.summary import TrainLossHistory, summary_lines
 
@@ -29,9 +30,9 @@ register_resolvers()
 def resolve_ckpt_path(ckpt_path: str | None, run_dir: Path) -> str | None:
     if ckpt_path in (None, "", "none"):
         return None
-    if ckpt_path == "auto":
-        last = run_dir / "checkpoints" / "last.ckpt"
-        return str(last) if last.exists() else None
+    if ckpt_path == "auto":  # the highest global step among requeue, step and last checkpoints
+        newest = newest_checkpoint(run_dir)
+        return str(newest) if newest is not None else None
     if not Path(ckpt_path).exists():
         raise FileNotFoundError(f"checkpoint {ckpt_path!r} does not exist (config key `ckpt_path`)")
     return ckpt_path
