@@ -16,9 +16,16 @@ from tests.hydra_utils import REPO, compose_train, logged, tiny_sft_overrides
 from train import train
 
 JOB_ID = "4242"
-# 16 rows, batch 4: 4 steps per epoch; 3 epochs; the signal arrives in the second epoch, after the first
+# 16 rows, batch 4: 4 steps per epoch; 2 epochs; the signal arrives in the second epoch, after the first
 # epoch's validation wrote checkpoints/last.ckpt (step 4), which a requeue must not roll back to.
-COMMON = ["scheduler=none", "trainer.max_steps=-1", "trainer.limit_train_batches=null", "trainer.max_epochs=3"]
+COMMON = [
+    "scheduler=none",
+    "trainer.max_steps=-1",
+    "trainer.limit_train_batches=null",
+    "trainer.max_epochs=2",
+    "validate_before_training=false",
+    "callbacks.sink_diagnostics=null",
+]
 
 
 def _slurm_env(tmp_path):
@@ -53,13 +60,14 @@ def _launch(env, output_dir, *extra):
     return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
 
 
-@pytest.mark.parametrize("signum", ["SIGUSR1", "SIGUSR2"])  # sbatch --signal / the submitit launcher
+# SIGUSR1: slurm/train.sbatch; SIGUSR2: the submitit launcher (same code path, so that one runs with `slow`)
+@pytest.mark.parametrize("signum", ["SIGUSR1", pytest.param("SIGUSR2", marks=pytest.mark.slow)])
 def test_signal_mid_run_requeues_and_relaunch_continues_the_same_curve(tmp_path, signum):
     env = _slurm_env(tmp_path)
     out = tmp_path / "outputs"
     inject = [
         "+callbacks.fault._target_=tests.fault_injection.SignalAtStep",
-        "+callbacks.fault.step=6",
+        "+callbacks.fault.step=5",
         f"+callbacks.fault.signum={signum}",
     ]
     first = _launch(env, out, *inject)
@@ -70,18 +78,18 @@ def test_signal_mid_run_requeues_and_relaunch_continues_the_same_curve(tmp_path,
     assert not (run_dir / "results.json").exists()
     hpc = sorted(run_dir.glob("hpc_ckpt_*.ckpt"))
     assert len(hpc) == 1, log
-    assert torch.load(hpc[0], weights_only=False)["global_step"] == 7  # the step under way was finished
-    assert len(logged(run_dir, "train/loss")) == 7, log
+    assert torch.load(hpc[0], weights_only=False)["global_step"] == 6  # the step under way was finished
+    assert len(logged(run_dir, "train/loss")) == 6, log
 
     second = _launch(env, out)  # the requeued job: same job id, no fault
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-5000:]
     assert "unsink run summary" in second.stdout
-    assert f"hpc_ckpt_1.ckpt (step 7)" in second.stderr + second.stdout
+    assert f"hpc_ckpt_1.ckpt (step 6)" in second.stderr + second.stdout
 
     full_dir = tmp_path / "full"
     train(compose_train(tiny_sft_overrides(*COMMON), full_dir))
     resumed, uninterrupted = logged(run_dir, "train/loss"), logged(full_dir, "train/loss")
-    assert len(uninterrupted) == 12
+    assert len(uninterrupted) == 8
     assert resumed == pytest.approx(uninterrupted, abs=1e-5)
 
 
@@ -99,3 +107,13 @@ def test_auto_resume_picks_the_highest_step_and_skips_unreadable_files(tmp_path)
     (tmp_path / "hpc_ckpt_3.ckpt").write_bytes(b"PK\x03\x04 truncated by kill -9")
     assert newest_checkpoint(tmp_path) == tmp_path / "hpc_ckpt_2.ckpt"
     assert newest_checkpoint(tmp_path / "empty") is None
+
+
+def test_requeue_signals_match_what_sbatch_and_submitit_send():
+    from submitit.core.job_environment import JobEnvironment
+
+    text = (REPO / "slurm" / "train.sbatch").read_text()
+    cfg = compose_train(["experiment=lm_sft"])
+    signals = set(cfg.callbacks.requeue.signals)
+    assert "--signal=SIGUSR1@" in text and "SIGUSR1" in signals
+    assert f"SIG{JobEnvironment.USR_SIG}" in signals  # submitit's launcher: USR2 signal_delay_s before the limit
