@@ -19,6 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from harness.config_check import check_top_level_keys
 from harness.instantiate import instantiate_named
+from harness.nonfinite_guard import check_finite_weights
 from harness.resume import newest_checkpoint
 from harness.run_dir import register_resolvers
 from harness.summary import TrainLossHistory, summary_lines
@@ -72,6 +73,7 @@ def _train(cfg: DictConfig) -> dict:
     after = _metrics(trainer.validate(module, datamodule=datamodule, verbose=False))
     if cfg.get("test_after_training"):
         after.update(_metrics(trainer.test(module, datamodule=datamodule, verbose=False)))
+    check_finite_weights(module, "the exported weights")  # never export NaN (harness/nonfinite_guard.py)
     if trainer.is_global_zero:
         exported = module.export(run_dir, merged=cfg.get("export_merged", False))
         extra = [f"exported: {', '.join(f'{k} -> {v}' for k, v in exported.items())}"]

@@ -84,7 +84,7 @@ def test_signal_mid_run_requeues_and_relaunch_continues_the_same_curve(tmp_path,
     second = _launch(env, out)  # the requeued job: same job id, no fault
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-5000:]
     assert "unsink run summary" in second.stdout
-    assert f"hpc_ckpt_1.ckpt (step 6)" in second.stderr + second.stdout
+    assert "hpc_ckpt_1.ckpt (step 6)" in second.stderr + second.stdout
 
     full_dir = tmp_path / "full"
     train(compose_train(tiny_sft_overrides(*COMMON), full_dir))
@@ -116,4 +116,6 @@ def test_requeue_signals_match_what_sbatch_and_submitit_send():
     cfg = compose_train(["experiment=lm_sft"])
     signals = set(cfg.callbacks.requeue.signals)
     assert "--signal=SIGUSR1@" in text and "SIGUSR1" in signals
-    assert f"SIG{JobEnvironment.USR_SIG}" in signals  # submitit's launcher: USR2 signal_delay_s before the limit
+    assert (
+        f"SIG{JobEnvironment.USR_SIG}" in signals
+    )  # submitit's launcher: USR2 signal_delay_s before the limit
