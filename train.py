@@ -18,6 +18,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from harness.config_check import check_top_level_keys
+from harness.fsdp import gather_trainable_state
 from harness.instantiate import instantiate_named
 from harness.nonfinite_guard import check_finite_weights
 from harness.resume import newest_checkpoint
@@ -73,9 +74,10 @@ def _train(cfg: DictConfig) -> dict:
     after = _metrics(trainer.validate(module, datamodule=datamodule, verbose=False))
     if cfg.get("test_after_training"):
         after.update(_metrics(trainer.test(module, datamodule=datamodule, verbose=False)))
-    check_finite_weights(module, "the exported weights")  # never export NaN (harness/nonfinite_guard.py)
+    check_finite_weights(module, "the exported weights", trainer.strategy)  # harness/nonfinite_guard.py
+    gathered = gather_trainable_state(trainer, module)  # FSDP: a collective, before rank 0 exports alone
     if trainer.is_global_zero:
-        exported = module.export(run_dir, merged=cfg.get("export_merged", False))
+        exported = module.export(run_dir, merged=cfg.get("export_merged", False), **_state_kwarg(gathered))
         extra = [f"exported: {', '.join(f'{k} -> {v}' for k, v in exported.items())}"]
         for part in (datamodule, module, *callbacks.values()):
             if hasattr(part, "summary_lines"):
@@ -97,6 +99,10 @@ def write_results(path: Path, before: dict, after: dict, step: int, history: Tra
         "train_loss_last": history.last,
     }
     path.write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")
+
+
+def _state_kwarg(gathered: dict | None) -> dict:
+    return {} if gathered is None else {"state_dict": gathered}
 
 
 def _metrics(results: list[dict]) -> dict:

@@ -50,9 +50,12 @@ def non_finite_names(tensors: Mapping[str, torch.Tensor]) -> list[str]:
     return bad
 
 
-def check_finite_weights(module: torch.nn.Module, what: str) -> None:
-    """Raise before `what` is written when a trainable parameter is not finite."""
+def check_finite_weights(module: torch.nn.Module, what: str, strategy=None) -> None:
+    """Raise before `what` is written when a trainable parameter is not finite; with a Lightning `strategy`
+    every rank raises when any rank's (FSDP: local shard's) weights are bad."""
     bad = non_finite_names({n: p.detach() for n, p in module.named_parameters() if p.requires_grad})
+    if strategy is not None and strategy.reduce_boolean_decision(bool(bad), all=False) and not bad:
+        bad = ["(on another rank)"]
     if bad:
         raise NonFiniteTrainingError(
             f"refusing to write {what}: {len(bad)} trainable tensors hold NaN/inf (first: {bad[0]})"
