@@ -23,7 +23,9 @@ def test_adapter_exported_from_a_gathered_state_equals_the_module_export(tmp_pat
     gathered = {k: v.clone() for k, v in recipe.state_dict().items() if k in keys}
     assert gathered and all(k.startswith("llm.") for k in gathered)
     recipe.export(tmp_path / "plain")
-    with torch.no_grad():  # rank 0's own (sharded) weights are not the trained ones: export must not read them
+    with (
+        torch.no_grad()
+    ):  # rank 0's own (sharded) weights are not the trained ones: export must not read them
         for name, param in recipe.named_parameters():
             if "lora_" in name:
                 param.zero_()
