@@ -60,9 +60,19 @@ def _launch(env, output_dir, *extra):
     return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
 
 
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory) -> list[float]:
+    """train/loss of the same run without faults, in-process."""
+    run_dir = tmp_path_factory.mktemp("uninterrupted") / "run"
+    train(compose_train(tiny_sft_overrides(*COMMON), run_dir))
+    losses = logged(run_dir, "train/loss")
+    assert len(losses) == 8
+    return losses
+
+
 # SIGUSR1: slurm/train.sbatch; SIGUSR2: the submitit launcher (same code path, so that one runs with `slow`)
 @pytest.mark.parametrize("signum", ["SIGUSR1", pytest.param("SIGUSR2", marks=pytest.mark.slow)])
-def test_signal_mid_run_requeues_and_relaunch_continues_the_same_curve(tmp_path, signum):
+def test_signal_mid_run_requeues_and_relaunch_continues_the_same_curve(tmp_path, signum, uninterrupted):
     env = _slurm_env(tmp_path)
     out = tmp_path / "outputs"
     inject = [
@@ -86,11 +96,23 @@ def test_signal_mid_run_requeues_and_relaunch_continues_the_same_curve(tmp_path,
     assert "unsink run summary" in second.stdout
     assert "hpc_ckpt_1.ckpt (step 6)" in second.stderr + second.stdout
 
-    full_dir = tmp_path / "full"
-    train(compose_train(tiny_sft_overrides(*COMMON), full_dir))
-    resumed, uninterrupted = logged(run_dir, "train/loss"), logged(full_dir, "train/loss")
-    assert len(uninterrupted) == 8
-    assert resumed == pytest.approx(uninterrupted, abs=1e-5)
+    assert logged(run_dir, "train/loss") == pytest.approx(uninterrupted, abs=1e-5)
+
+
+@pytest.mark.slow  # ~25 s of CPU; the checkpoint choice has a fast test below
+def test_kill_9_loses_only_the_steps_since_the_last_step_checkpoint(tmp_path, uninterrupted):
+    env = _slurm_env(tmp_path)
+    out = tmp_path / "outputs"
+    every_3 = "callbacks.step_checkpoint.every_n_train_steps=3"
+    inject = ["+callbacks.fault._target_=tests.fault_injection.SignalAtStep", "+callbacks.fault.step=7"]
+    first = _launch(env, out, every_3, *inject, "+callbacks.fault.signum=SIGKILL")
+    assert first.returncode == -9, first.stderr[-3000:]
+    run_dir = out / "debug" / f"slurm-{JOB_ID}"
+    second = _launch(env, out, every_3)
+    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-5000:]
+    # newest state: checkpoints/step-6.ckpt (mid-epoch), not last.ckpt (step 4); step 7 is redone
+    assert "step-6.ckpt (step 6)" in second.stderr + second.stdout
+    assert logged(run_dir, "train/loss")[-2:] == pytest.approx(uninterrupted[-2:], abs=1e-5)
 
 
 def _fake_checkpoint(path, step):
