@@ -5,11 +5,11 @@ adapter, load it into PEFT, and compare with a DDP run of the same seed.
 
 Runs (tiny Llama, LoRA, fixture SFT data, fp32 so that DDP and FSDP can be compared tightly):
   ddp:        trainer=ddp, 4 steps
-  fsdp:       trainer=fsdp, 2 steps with a checkpoint every step, then the same command with 4 steps in the
-              same folder: `ckpt_path=auto` resumes mid-epoch from the step-2 checkpoint
+  fsdp:       trainer=fsdp, 4 steps, interrupted by the requeue signal (SIGUSR1 at step 1: checkpoint at the end
+              of step 2, exit), then relaunched in the same folder: `ckpt_path=auto` resumes mid-epoch at step 2
   fsdp_bf16:  trainer=fsdp at bf16-mixed, 4 steps: runs and exports (no comparison)
   fsdp_sinks: trainer=fsdp with the sink-diagnostics callback on: informational (not part of PASS)
-PASS: every run exits 0 within its timeout; the FSDP resume continued from step 2; train/loss of FSDP and DDP
+PASS: every run exits 0 within its timeout (the interrupted one with the requeue exit code 3); the FSDP resume continued from step 2; train/loss of FSDP and DDP
 agree within LOSS_TOL at every step; the LoRA tensors of the two adapters agree within WEIGHT_TOL; both load
 into PEFT and give logits that agree within LOGIT_TOL and differ from the base model's.
 Writes <out>/fsdp_check.json and the logs; prints one line `FSDP CHECK: PASS` or `FSDP CHECK: FAIL (...)`.
@@ -30,6 +30,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 FIXTURES = REPO / "tests" / "fixtures"
 LOSS_TOL, WEIGHT_TOL, LOGIT_TOL = 1e-4, 1e-4, 1e-3
+REQUEUE_EXIT_CODE = 3  # harness/requeue.py
 
 
 def common(tokenizer: str) -> list[str]:
@@ -97,42 +98,39 @@ def main() -> int:
     parser.add_argument("--tokenizer", required=True, help="HF tokenizer folder (.gpu/tokenizer)")
     parser.add_argument("--out", default=os.environ.get("OUT", "/tmp/out"))
     parser.add_argument("--work", default="/tmp/fsdp_check")
+    parser.add_argument("--ddp", default="ddp", help="trainer group of the reference run")
+    parser.add_argument(
+        "--fsdp", default="fsdp", help="trainer group under test (ddp_cpu: CPU plumbing check)"
+    )
     args = parser.parse_args()
     out, work = Path(args.out), Path(args.work)
     out.mkdir(parents=True, exist_ok=True)
     shutil.rmtree(work, ignore_errors=True)
     base = common(str(Path(args.tokenizer).resolve()))
     quiet = ["callbacks.sink_diagnostics=null"]
+    fsdp_4 = [f"trainer={args.fsdp}", "trainer.max_steps=4"]
+    signal_at_1 = ["+callbacks.fault._target_=tests.fault_injection.SignalAtStep", "+callbacks.fault.step=1"]
     runs = {
-        "ddp": run("ddp", [*base, *quiet, "trainer=ddp", "trainer.max_steps=4"], work, out),
-        "fsdp_part1": run(
-            "fsdp",
-            [
-                *base,
-                *quiet,
-                "trainer=fsdp",
-                "trainer.max_steps=2",
-                "callbacks.step_checkpoint.every_n_train_steps=1",
-            ],
-            work,
-            out,
-        ),
+        "ddp": run("ddp", [*base, *quiet, f"trainer={args.ddp}", "trainer.max_steps=4"], work, out),
+        # the requeue signal at step 1: checkpoint (hpc_ckpt_1.ckpt, step 2) at the end of the step, exit
+        "fsdp_part1": run("fsdp", [*base, *quiet, *fsdp_4, *signal_at_1], work, out),
     }
-    runs["fsdp_part2"] = run("fsdp", [*base, *quiet, "trainer=fsdp", "trainer.max_steps=4"], work, out)
+    runs["fsdp_part2"] = run("fsdp", [*base, *quiet, *fsdp_4], work, out)  # same folder: ckpt_path=auto
     runs["fsdp_bf16"] = run(
         "fsdp_bf16",
-        [*base, *quiet, "trainer=fsdp", "trainer.max_steps=4", "trainer.precision=bf16-mixed"],
+        [*base, *quiet, f"trainer={args.fsdp}", "trainer.max_steps=4", "trainer.precision=bf16-mixed"],
         work,
         out,
     )
     runs["fsdp_sinks"] = run(
-        "fsdp_sinks", [*base, "trainer=fsdp", "trainer.max_steps=2"], work, out, timeout=300
+        "fsdp_sinks", [*base, f"trainer={args.fsdp}", "trainer.max_steps=2"], work, out, timeout=300
     )
 
     failures, report = [], {"tolerances": {"loss": LOSS_TOL, "weight": WEIGHT_TOL, "logit": LOGIT_TOL}}
     for name, result in runs.items():
         report[f"{name}_rc"], report[f"{name}_seconds"] = result["rc"], result["seconds"]
-        if result["rc"] != 0 and name != "fsdp_sinks":
+        expected = REQUEUE_EXIT_CODE if name == "fsdp_part1" else 0
+        if result["rc"] != expected and name != "fsdp_sinks":
             failures.append(f"{name} exited {result['rc']}")
     report["fsdp_resumed_from_step_2"] = "(step 2)" in runs["fsdp_part2"]["output"]
     if not report["fsdp_resumed_from_step_2"]:
