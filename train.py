@@ -77,7 +77,7 @@ def _train(cfg: DictConfig) -> dict:
     check_finite_weights(module, "the exported weights", trainer.strategy)  # harness/nonfinite_guard.py
     gathered = gather_trainable_state(trainer, module)  # FSDP: a collective, before rank 0 exports alone
     if trainer.is_global_zero:
-        exported = module.export(run_dir, merged=cfg.get("export_merged", False), **_state_kwarg(gathered))
+        exported = module.export(run_dir, merged=cfg.get("export_merged", False), state_dict=gathered)
         extra = [f"exported: {', '.join(f'{k} -> {v}' for k, v in exported.items())}"]
         for part in (datamodule, module, *callbacks.values()):
             if hasattr(part, "summary_lines"):
@@ -99,10 +99,6 @@ def write_results(path: Path, before: dict, after: dict, step: int, history: Tra
         "train_loss_last": history.last,
     }
     path.write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")
-
-
-def _state_kwarg(gathered: dict | None) -> dict:
-    return {} if gathered is None else {"state_dict": gathered}
 
 
 def _metrics(results: list[dict]) -> dict:
