@@ -18,7 +18,10 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from harness.config_check import check_top_level_keys
+from harness.fsdp import gather_trainable_state
 from harness.instantiate import instantiate_named
+from harness.nonfinite_guard import check_finite_weights
+from harness.resume import newest_checkpoint
 from harness.run_dir import register_resolvers
 from harness.summary import TrainLossHistory, summary_lines
 
@@ -29,9 +32,9 @@ register_resolvers()
 def resolve_ckpt_path(ckpt_path: str | None, run_dir: Path) -> str | None:
     if ckpt_path in (None, "", "none"):
         return None
-    if ckpt_path == "auto":
-        last = run_dir / "checkpoints" / "last.ckpt"
-        return str(last) if last.exists() else None
+    if ckpt_path == "auto":  # the highest global step among requeue, step and last checkpoints
+        newest = newest_checkpoint(run_dir)
+        return str(newest) if newest is not None else None
     if not Path(ckpt_path).exists():
         raise FileNotFoundError(f"checkpoint {ckpt_path!r} does not exist (config key `ckpt_path`)")
     return ckpt_path
@@ -71,8 +74,10 @@ def _train(cfg: DictConfig) -> dict:
     after = _metrics(trainer.validate(module, datamodule=datamodule, verbose=False))
     if cfg.get("test_after_training"):
         after.update(_metrics(trainer.test(module, datamodule=datamodule, verbose=False)))
+    check_finite_weights(module, "the exported weights", trainer.strategy)  # harness/nonfinite_guard.py
+    gathered = gather_trainable_state(trainer, module)  # FSDP: a collective, before rank 0 exports alone
     if trainer.is_global_zero:
-        exported = module.export(run_dir, merged=cfg.get("export_merged", False))
+        exported = module.export(run_dir, merged=cfg.get("export_merged", False), state_dict=gathered)
         extra = [f"exported: {', '.join(f'{k} -> {v}' for k, v in exported.items())}"]
         for part in (datamodule, module, *callbacks.values()):
             if hasattr(part, "summary_lines"):

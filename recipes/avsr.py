@@ -228,8 +228,11 @@ class AVSRRecipe(L.LightningModule):
         return packed.llm_inputs(), packed.segments
 
     # ---- export ----------------------------------------------------------------------------------
-    def export(self, run_dir: str | Path, merged: bool = False) -> dict[str, str]:
+    def export(
+        self, run_dir: str | Path, merged: bool = False, state_dict: dict | None = None
+    ) -> dict[str, str]:
         """`adapter/` (PEFT, loadable by PeftModel.from_pretrained) + `avsr_modules.pt` (projectors, trained
-        encoders, model settings); `merged/` with the LoRA merged into the LLM when asked."""
+        encoders, model settings); `merged/` with the LoRA merged into the LLM when asked.
+        state_dict: trainable weights gathered under FSDP (`harness/fsdp.py`); None reads the module."""
         disable_capture(self.llm)
-        return export_avsr(self.model, self.hparams, run_dir, merged)
+        return export_avsr(self.model, self.hparams, run_dir, merged, state_dict)

@@ -15,25 +15,32 @@ from pathlib import Path
 import torch
 
 from models.avsr.avsr_model import AVSRModel
-from recipes.checkpoint import trainable_state_keys
+from recipes.checkpoint import gathered_part, trainable_state_keys
 
 
 def export_avsr(
-    model: AVSRModel, settings: Mapping, run_dir: str | Path, merged: bool = False
+    model: AVSRModel,
+    settings: Mapping,
+    run_dir: str | Path,
+    merged: bool = False,
+    state_dict: dict | None = None,
 ) -> dict[str, str]:
-    """Write the files above; returns {what: path}."""
+    """Write the files above; returns {what: path}. state_dict: the recipe's trainable weights gathered under
+    FSDP (keys `model.*`); None reads the model."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     keys = trainable_state_keys(model)
     is_peft = hasattr(model.llm, "peft_config")
+    gathered = gathered_part(state_dict, "model.", merged, is_peft)
     paths = {}
     if is_peft:
-        model.llm.save_pretrained(run_dir / "adapter")
+        llm_state = None if gathered is None else gathered_part(gathered, "llm.", merged, is_peft)
+        model.llm.save_pretrained(run_dir / "adapter", state_dict=llm_state)
         model.tokenizer.save_pretrained(run_dir / "adapter")
         paths["adapter"] = str(run_dir / "adapter")
     state = {
         k: v.detach().cpu()
-        for k, v in model.state_dict().items()
+        for k, v in (model.state_dict() if gathered is None else gathered).items()
         if k in keys and not (is_peft and k.startswith("llm."))
     }
     torch.save({"state_dict": state, "settings": dict(settings)}, run_dir / "avsr_modules.pt")

@@ -15,7 +15,7 @@ from models.attention_capture import disable_capture
 from models.lora import log_parameter_counts
 from models.packing import check_packing, llm_inputs
 from models.segments import IGNORE_INDEX
-from recipes.checkpoint import keep_trainable_state
+from recipes.checkpoint import gathered_part, keep_trainable_state
 from recipes.llm_setup import prepare_llm
 from recipes.objectives.base import Objective
 from recipes.objectives.compose import ObjectiveSet, total_loss
@@ -127,13 +127,17 @@ class CausalLMRecipe(L.LightningModule):
         return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}, segments
 
     # ---- export ----------------------------------------------------------------------------------
-    def export(self, run_dir: str | Path, merged: bool = False) -> dict[str, str]:
-        """Save the adapter in PEFT format (`adapter/`), the tokenizer, and optionally a merged model."""
+    def export(
+        self, run_dir: str | Path, merged: bool = False, state_dict: dict | None = None
+    ) -> dict[str, str]:
+        """Save the adapter in PEFT format (`adapter/`), the tokenizer, and optionally a merged model.
+        state_dict: trainable weights gathered under FSDP (`harness/fsdp.py`); None reads the module."""
         run_dir = Path(run_dir)
         disable_capture(self.llm)
+        llm_state = gathered_part(state_dict, "llm.", merged, hasattr(self.llm, "peft_config"))
         paths = {}
         if hasattr(self.llm, "peft_config"):
-            self.llm.save_pretrained(run_dir / "adapter")
+            self.llm.save_pretrained(run_dir / "adapter", state_dict=llm_state)
             self.tokenizer.save_pretrained(run_dir / "adapter")
             paths["adapter"] = str(run_dir / "adapter")
             if merged:

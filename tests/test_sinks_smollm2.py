@@ -1,6 +1,7 @@
 """The real SmolLM2-135M (offline GGUF wheel) shows the sinks recorded in docs/diagnostics.md.
 
-Part of the default suite: loading the real model takes about 15 s on 2 cores.
+The intermediate-sink check runs in the default suite (loading the real model takes about 15 s on 2 cores);
+the position-0 facts are marked slow (`make test-all`); tiny-model tests cover the metrics themselves.
 """
 
 import pytest
@@ -49,6 +50,7 @@ def test_smollm2_intermediate_sinks_live_in_layers_1_to_8(smollm2):
     assert all(min(sink["layers"]) >= 1 and max(sink["layers"]) <= 9 for sink in report.intermediate_sinks)
 
 
+@pytest.mark.slow
 def test_smollm2_sinks_match_the_recorded_facts(smollm2):
     model, tokenizer = smollm2
     batch = dict(tokenizer(read_texts(None, max_texts=12), return_tensors="pt", padding=True))

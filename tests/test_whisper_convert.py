@@ -173,6 +173,7 @@ def test_conversion_names_missing_files(tmp_path):
         convert_ct2_whisper(files, tmp_path / "out")
 
 
+@pytest.mark.slow  # the real tiny.en weights; the conversion itself is covered fast on a tiny CT2 model above
 def test_offline_tiny_en_encoder_is_finite_deterministic_and_close_to_the_30s_window(tmp_path):
     folder = ensure_converted_whisper("tiny.en", tmp_path / "whisper-tiny.en")
     assert ensure_converted_whisper("tiny.en", folder) == folder  # idempotent: no second conversion

@@ -1,0 +1,127 @@
+"""Non-finite losses and gradients: skip the step, count it, stop after N in a row, never save NaN weights.
+
+One NaN step turns every trainable weight into NaN (AdamW spreads it through its moments), after which
+`last.ckpt` and the adapter are NaN and `ckpt_path=auto` resumes from them. `NonFiniteGuard` checks each
+optimizer step before it is taken: the loss of every micro-batch of the window and the norm of the gradients
+(after AMP unscaling). The ranks agree with one all-reduce (any rank bad = all skip, so DDP replicas and FSDP
+shards stay identical). A bad step is skipped by dropping the gradients (`zero_grad(set_to_none=True)`:
+torch optimisers leave parameters without a gradient untouched, moments and weight decay included); the LR
+schedule and the step counter still advance. After `max_consecutive` bad steps in a row the run stops with
+`NonFiniteTrainingError`. Checkpoints and exports with a non-finite weight are refused.
+With fp16 AMP the GradScaler already skips overflowing steps (that is how it finds its scale): there only a
+non-finite loss counts.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import Callback
+
+log = logging.getLogger(__name__)
+
+CONFIG_KEY = "callbacks.nonfinite_guard.max_consecutive"
+
+
+class NonFiniteTrainingError(RuntimeError):
+    """Training produced non-finite values that skipping steps cannot get past."""
+
+
+def _local(tensor: torch.Tensor) -> torch.Tensor:
+    """The local shard of a DTensor / ShardedTensor (FSDP), else the tensor."""
+    if hasattr(tensor, "to_local"):
+        return tensor.to_local()
+    if hasattr(tensor, "local_tensor"):
+        return tensor.local_tensor()
+    return tensor
+
+
+def non_finite_names(tensors: Mapping[str, torch.Tensor]) -> list[str]:
+    """Names of the floating-point tensors that hold a NaN or inf."""
+    bad = []
+    for name, tensor in tensors.items():
+        if isinstance(tensor, torch.Tensor):
+            local = _local(tensor)
+            if local.is_floating_point() and not torch.isfinite(local).all():
+                bad.append(name)
+    return bad
+
+
+def check_finite_weights(module: torch.nn.Module, what: str, strategy=None) -> None:
+    """Raise before `what` is written when a trainable parameter is not finite; with a Lightning `strategy`
+    every rank raises when any rank's (FSDP: local shard's) weights are bad."""
+    bad = non_finite_names({n: p.detach() for n, p in module.named_parameters() if p.requires_grad})
+    if strategy is not None and strategy.reduce_boolean_decision(bool(bad), all=False) and not bad:
+        bad = ["(on another rank)"]
+    if bad:
+        raise NonFiniteTrainingError(
+            f"refusing to write {what}: {len(bad)} trainable tensors hold NaN/inf (first: {bad[0]})"
+        )
+
+
+class NonFiniteGuard(Callback):
+    """max_consecutive: stop after this many bad optimizer steps in a row."""
+
+    def __init__(self, max_consecutive: int = 5):
+        if max_consecutive < 1:
+            raise ValueError(f"{CONFIG_KEY} must be >= 1, got {max_consecutive}")
+        self.max_consecutive = max_consecutive
+        self.skipped = 0
+        self.consecutive = 0
+        self._loss_bad = False
+
+    def on_before_backward(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, loss: torch.Tensor
+    ) -> None:
+        self._loss_bad = self._loss_bad or not bool(torch.isfinite(loss.detach()).all())
+
+    def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer) -> None:
+        grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        grads_bad = bool(grads) and not bool(
+            torch.isfinite(torch.stack([torch.linalg.vector_norm(_local(g).float()) for g in grads])).all()
+        )
+        if getattr(trainer.precision_plugin, "scaler", None) is not None:
+            grads_bad = False  # fp16: overflowing gradients are the scaler's business (it skips the step)
+        local_bad, self._loss_bad = self._loss_bad or grads_bad, False
+        if not trainer.strategy.reduce_boolean_decision(local_bad, all=False):
+            self.consecutive = 0
+            return
+        optimizer.zero_grad(set_to_none=True)
+        self.skipped += 1
+        self.consecutive += 1
+        log.warning(
+            "non-finite loss or gradient norm at step %d: step skipped (%d in a row, %d in total)",
+            trainer.global_step,
+            self.consecutive,
+            self.skipped,
+        )
+        if self.consecutive >= self.max_consecutive:
+            raise NonFiniteTrainingError(
+                f"{self.consecutive} optimizer steps in a row had a non-finite loss or gradient norm (last at "
+                f"step {trainer.global_step}); the weights are those of step "
+                f"{trainer.global_step - self.consecutive + 1}. Check the learning rate, objective weights and "
+                f"precision, or allow more with {CONFIG_KEY}."
+            )
+
+    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
+        bad = non_finite_names(checkpoint.get("state_dict", {}))
+        if bad:
+            raise NonFiniteTrainingError(
+                f"refusing to save a checkpoint with non-finite weights ({len(bad)} tensors, first: {bad[0]})"
+            )
+
+    def state_dict(self) -> dict:
+        return {"skipped": self.skipped, "consecutive": self.consecutive}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.skipped = state_dict.get("skipped", 0)
+        self.consecutive = state_dict.get("consecutive", 0)
+
+    def summary_lines(self) -> list[str]:
+        return [
+            f"non-finite steps skipped: {self.skipped} "
+            f"(the run stops after {self.max_consecutive} in a row: {CONFIG_KEY})"
+        ]

@@ -1,0 +1,65 @@
+"""Non-finite losses and gradients: a bad step is skipped and counted, N in a row stop the run with a clear
+error, and no non-finite checkpoint or adapter is ever written."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from harness.nonfinite_guard import NonFiniteGuard, NonFiniteTrainingError, check_finite_weights
+from tests.hydra_utils import compose_train, tiny_sft_overrides
+from train import train
+
+FAST = ["scheduler=none", "validate_before_training=false", "callbacks.sink_diagnostics=null"]
+
+
+def _trainable(run_dir):
+    state = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)["state_dict"]
+    return {k: v for k, v in state.items() if "lora_" in k}
+
+
+def test_nan_gradient_at_step_k_is_skipped_counted_and_weights_stay_finite(tmp_path, capsys):
+    inject = [
+        "+callbacks.fault._target_=tests.fault_injection.NonFiniteGradAtSteps",
+        "+callbacks.fault.steps=[1]",
+    ]
+    bad_dir, ref_dir = tmp_path / "bad", tmp_path / "ref"
+    train(compose_train(tiny_sft_overrides(*FAST, "trainer.max_steps=2", *inject), bad_dir))
+    assert "non-finite steps skipped: 1 " in capsys.readouterr().out
+    train(compose_train(tiny_sft_overrides(*FAST, "trainer.max_steps=1"), ref_dir))
+    bad, ref = _trainable(bad_dir), _trainable(ref_dir)
+    assert bad and all(torch.isfinite(v).all() for v in bad.values())
+    # the skipped step changed nothing (no AdamW moment or weight-decay update): 2 steps, 1 skipped == 1 step
+    for key, value in ref.items():
+        assert torch.equal(bad[key], value), key
+
+
+def test_consecutive_non_finite_losses_stop_the_run_and_write_nothing(tmp_path):
+    run_dir = tmp_path / "run"
+    cfg = compose_train(
+        tiny_sft_overrides(
+            *FAST,
+            "trainer.max_steps=4",
+            "objective=[decorr]",
+            "objective.decorr.weight=nan",  # every loss is NaN
+            "callbacks.nonfinite_guard.max_consecutive=2",
+        ),
+        run_dir,
+    )
+    with pytest.raises(NonFiniteTrainingError, match=r"2 optimizer steps in a row.*max_consecutive"):
+        train(cfg)
+    assert not (run_dir / "adapter").exists()
+    assert not list(run_dir.rglob("*.ckpt"))
+
+
+def test_non_finite_checkpoints_and_exports_are_refused():
+    guard = NonFiniteGuard()
+    guard.on_save_checkpoint(None, None, {"state_dict": {"w": torch.ones(2), "ids": torch.tensor([1, 2])}})
+    with pytest.raises(NonFiniteTrainingError, match="checkpoint"):
+        guard.on_save_checkpoint(None, None, {"state_dict": {"w": torch.tensor([1.0, float("inf")])}})
+    layer = torch.nn.Linear(2, 2)
+    check_finite_weights(layer, "the adapter")
+    with torch.no_grad():
+        layer.weight[0, 0] = float("nan")
+    with pytest.raises(NonFiniteTrainingError, match="refusing to write the adapter.*weight"):
+        check_finite_weights(layer, "the adapter")
