@@ -10,6 +10,7 @@ import lightning as L
 import torch
 from torchmetrics import MeanMetric
 
+from harness import fsdp
 from models import segments as seg
 from models.attention_capture import disable_capture
 from models.lora import log_parameter_counts
@@ -109,6 +110,9 @@ class CausalLMRecipe(L.LightningModule):
         self.val_loss.reset()
         self.log("val/loss", loss, prog_bar=True, sync_dist=False)
         self.log("val/perplexity", torch.exp(loss.clamp(max=30)), sync_dist=False)
+
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
+        fsdp.clip_gradients(self, optimizer, gradient_clip_val, gradient_clip_algorithm)
 
     def configure_optimizers(self):
         return configure_optimizers(self, self.optimizer_factory, self.scheduler_factory)
