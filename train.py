@@ -52,7 +52,7 @@ def _train(cfg: DictConfig) -> dict:
     check_top_level_keys(cfg)
     run_dir = Path(cfg.paths.run_dir)
     L.seed_everything(cfg.seed, workers=True)
-    objectives = instantiate_named(cfg.get("objective"))
+    objectives = instantiate_named(cfg.get("objective"), skip_unselected=True)
     # plain containers (not DictConfig) so checkpoints load with torch.load(weights_only=True)
     module = instantiate(cfg.model, objectives=objectives, _convert_="all")
     datamodule = instantiate(cfg.data)
