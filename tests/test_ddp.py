@@ -24,7 +24,7 @@ def test_two_process_ddp_matches_single_process_on_synced_metrics(tmp_path):
     cmd = [
         sys.executable,
         "train.py",
-        *tiny_sft_overrides(*common, "trainer=ddp_cpu"),
+        *tiny_sft_overrides(*common, "trainer=ddp_cpu", "trainer.devices=2"),  # debug=smoke pins 1 device
         f"hydra.run.dir={ddp_dir}",
     ]
     env = {**os.environ, "PYTHONPATH": str(REPO), "WANDB_MODE": "disabled"}
