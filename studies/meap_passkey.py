@@ -138,7 +138,7 @@ def make_arms(args, budget: dict) -> list[Arm]:
     if args.smoke:
         common += ["debug=smoke", "data.max_length=128", "trainer.limit_train_batches=null"]
     else:
-        common += ["trainer=gpu"]
+        common += ["trainer=gpu", "data.max_length=1024"]
     arms = []
     for seed in args.seeds:
         seeded = [*common, f"seed={seed}", *args.extra]
