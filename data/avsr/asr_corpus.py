@@ -29,7 +29,6 @@ import argparse
 import hashlib
 import json
 import os
-import shutil
 import time
 from concurrent.futures import ProcessPoolExecutor
 from contextlib import nullcontext
@@ -38,6 +37,7 @@ from pathlib import Path
 
 import numpy as np
 
+from data.atomic_build import build_atomically, read_marker
 from data.avsr.manifest import ManifestRow, read_manifest, write_manifest
 from data.avsr.media_io import AUDIO_SAMPLE_RATE, write_audio
 from data.avsr.speech_synth import SYNTHESIZERS, synthesizer_name
@@ -244,9 +244,8 @@ def _params_json(params: AsrCorpusParams) -> dict:
 
 
 def _marker_matches(out: Path, params: AsrCorpusParams) -> bool:
-    try:
-        marker = json.loads((out / MARKER).read_text())
-    except (OSError, ValueError):
+    marker = read_marker(out, MARKER)
+    if marker is None:
         return False
     return marker.get("format_version") == FORMAT_VERSION and marker.get("params") == _params_json(params)
 
@@ -260,21 +259,12 @@ def build_asr_corpus(
     """
     out, spec = Path(out), AsrCorpusParams(**params)
     text_root = default_text_root() if text_root is None else text_root
-    staging = out.parent / f".{out.name}.building-{os.getpid()}"
-    shutil.rmtree(staging, ignore_errors=True)
-    try:
-        summary = _build_into(staging, spec, max(1, workers), text_root)
-        (staging / MARKER).write_text(json.dumps(summary, indent=2) + "\n")
-        if out.exists() and not _marker_matches(out, spec):
-            shutil.rmtree(out)
-        try:
-            staging.rename(out)
-        except OSError:  # another process finished the same corpus first
-            if not _marker_matches(out, spec):
-                raise
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return summary
+    return build_atomically(
+        out,
+        MARKER,
+        lambda staging: _build_into(staging, spec, max(1, workers), text_root),
+        lambda folder: _marker_matches(folder, spec),
+    )
 
 
 def ensure_asr_corpus(

@@ -10,9 +10,6 @@ Each clip depends only on (seed, split, index), so building with several process
 Audio is padded to whole video frames (640 samples), so video frames == samples / 640 == input_length.
 """
 
-import json
-import os
-import shutil
 import time
 from concurrent.futures import ProcessPoolExecutor
 from contextlib import nullcontext
@@ -23,6 +20,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from data.atomic_build import build_atomically, read_marker
 from data.avsr.manifest import ManifestRow, write_manifest
 from data.avsr.media_io import (
     AUDIO_SAMPLE_RATE,
@@ -183,9 +181,8 @@ def _build_into(folder: Path, params: CorpusParams, workers: int, progress: bool
 
 
 def _marker_matches(out: Path, params: CorpusParams) -> bool:
-    try:
-        marker = json.loads((out / MARKER).read_text())
-    except (OSError, ValueError):
+    marker = read_marker(out, MARKER)
+    if marker is None:
         return False
     return (
         marker.get("format_version") == FORMAT_VERSION
@@ -202,21 +199,12 @@ def build_synthetic_corpus(out: str | Path, workers: int = 1, progress: bool = T
     concurrent builders of the same parameters do not clash. `params` are CorpusParams fields.
     """
     out, spec = Path(out), CorpusParams(**params)
-    staging = out.parent / f".{out.name}.building-{os.getpid()}"
-    shutil.rmtree(staging, ignore_errors=True)
-    try:
-        summary = _build_into(staging, spec, workers, progress)
-        (staging / MARKER).write_text(json.dumps(summary, indent=2) + "\n")
-        if out.exists() and not _marker_matches(out, spec):
-            shutil.rmtree(out)
-        try:
-            staging.rename(out)
-        except OSError:  # another process finished the same corpus first
-            if not _marker_matches(out, spec):
-                raise
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return summary
+    return build_atomically(
+        out,
+        MARKER,
+        lambda staging: _build_into(staging, spec, workers, progress),
+        lambda folder: _marker_matches(folder, spec),
+    )
 
 
 def ensure_synthetic_corpus(out: str | Path, workers: int = 1, progress: bool = True, **params) -> Path:
