@@ -155,21 +155,43 @@ def prepare(
     progress: bool = True,
 ) -> tuple[list[dict], Counter]:
     """Original rows (`"counterfactual": false`) each followed by its counterfactual rows; plus counts."""
-    counts: Counter = Counter()
-    out: list[dict] = []
-    for index, row in enumerate(tqdm(rows, desc="leaf: scoring", unit="row", disable=not progress)):
-        counts["rows"] += 1
-        out.append({**row, "counterfactual": False, "source_index": index})
-        if not isinstance(row.get(prompt_field), str) or not isinstance(row.get(response_field), str):
-            counts["skipped: no prompt/response"] += 1
-            continue
-        item = tokenize_for_scoring(
-            tokenizer, row[prompt_field], row[response_field], row.get("system"), max_length
-        )
+
+    def row_counterfactuals(index: int, row: dict, prompt: str, response: str, counts: Counter):
+        item = tokenize_for_scoring(tokenizer, prompt, response, row.get("system"), max_length)
         if item is None:
             counts["skipped: nothing to score"] += 1
+            return None
+        return counterfactuals(row, index, item, teacher, student, quantile, cap, prompt_field)
+
+    return prepare_each(rows, row_counterfactuals, prompt_field, response_field, "leaf: scoring", progress)
+
+
+def prepare_each(
+    rows: list[dict],
+    row_counterfactuals,
+    prompt_field: str,
+    response_field: str,
+    desc: str,
+    progress: bool,
+) -> tuple[list[dict], Counter]:
+    """The loop both LEAF levels share: each original row, then its counterfactual rows; plus counts.
+
+    `row_counterfactuals(index, row, prompt, response, counts)`: the row's counterfactual rows, or None
+    when it skipped the row (after counting why in `counts`). Rows without a string prompt and response
+    are kept as they are and counted as skipped.
+    """
+    counts: Counter = Counter()
+    out: list[dict] = []
+    for index, row in enumerate(tqdm(rows, desc=desc, unit="row", disable=not progress)):
+        counts["rows"] += 1
+        out.append({**row, "counterfactual": False, "source_index": index})
+        prompt, response = row.get(prompt_field), row.get(response_field)
+        if not isinstance(prompt, str) or not isinstance(response, str):
+            counts["skipped: no prompt/response"] += 1
             continue
-        extra = counterfactuals(row, index, item, teacher, student, quantile, cap, prompt_field)
+        extra = row_counterfactuals(index, row, prompt, response, counts)
+        if extra is None:
+            continue
         counts["rows with spans"] += bool(extra)
         counts["counterfactual rows"] += len(extra)
         out.extend(extra)

@@ -161,34 +161,25 @@ def prepare_response_level(
     progress: bool = True,
 ) -> tuple[list[dict], Counter]:
     """Original rows (`"counterfactual": false`), each followed by its per-step counterfactual rows; plus counts."""
-    from tqdm import tqdm
+    from leaf_prepare import prepare_each
 
-    counts: Counter = Counter()
-    out: list[dict] = []
-    for index, row in enumerate(tqdm(rows, desc="leaf (response level)", unit="row", disable=not progress)):
-        counts["rows"] += 1
-        out.append({**row, "counterfactual": False, "source_index": index})
-        prompt, response = row.get(prompt_field), row.get(response_field)
-        if not isinstance(prompt, str) or not isinstance(response, str):
-            counts["skipped: no prompt/response"] += 1
-            continue
+    def row_counterfactuals(index: int, row: dict, prompt: str, response: str, counts: Counter):
         steps = split_steps(response, step_marker)
         if len(steps) < 2:
             counts["skipped: fewer than 2 steps"] += 1
-            continue
-        found = 0
+            return None
+        extra: list[dict] = []
         for k in range(1, len(steps)):
             item = tokenize_prefix_for_scoring(tokenizer, prompt, steps, k, row.get("system"), max_length)
             if item is None:
                 counts["steps skipped: nothing to score"] += 1
                 continue
             counts["steps scored"] += 1
-            extra = step_counterfactuals(
+            extra += step_counterfactuals(
                 row, index, steps, k, item, teacher, student, quantile, cap, prompt_field, response_field
             )
-            found += len(extra)
-            out.extend(extra)
-        counts["rows with spans"] += bool(found)
-        counts["counterfactual rows"] += found
-    counts["written"] = len(out)
-    return out, counts
+        return extra
+
+    return prepare_each(
+        rows, row_counterfactuals, prompt_field, response_field, "leaf (response level)", progress
+    )
