@@ -152,22 +152,14 @@ def random_llama(shape: dict, tokenizer_source: str | None, device: str, dtype: 
 
 
 def build_objectives(name: str, backbone) -> dict:
-    from recipes.objectives.adl import AttentionDiversityObjective
-    from recipes.objectives.decorr import BosDecorrelationObjective
-    from recipes.objectives.leaf import LeafDistillationObjective
-    from recipes.objectives.meap import MeapObjective
-
-    if name == "none":
-        return {}
-    if name == "decorr":
-        return {"decorr": BosDecorrelationObjective(weight=1.0e4, tokens="input_side")}
-    if name == "adl":
-        return {"adl": AttentionDiversityObjective(weight=1.0, num_rows=64)}
-    if name == "meap":
-        return {"meap": MeapObjective(mode="pretrain", ratio=0.15)}
+    """objective_throughput.py's objectives (the same settings), plus LeaF, which needs the teacher."""
     if name == "leaf":  # teacher: the full-depth model; student: every other layer (as lm_leaf)
+        from recipes.objectives.leaf import LeafDistillationObjective
+
         return {"leaf": LeafDistillationObjective(teacher=backbone, temperature=1.0)}
-    raise ValueError(name)
+    from benchmarks import objective_throughput as ot
+
+    return ot.build_objectives(name)
 
 
 def fixed_batches(batch: int, length: int, vocab: int, seed: int = 1):
