@@ -5,13 +5,7 @@
 # loads it into PEFT and compares with a DDP run of the same seed (tolerances in benchmarks/fsdp_check.py).
 # Prints `FSDP CHECK: PASS` or `FSDP CHECK: FAIL (...)`; writes $OUT/fsdp_check.json and one log per run.
 # Needs: .whl/ (../shared/gpu/wheels.sh) and .gpu/tokenizer, as benchmarks/gpu_session.sh.
-set -uo pipefail
-OUT=${OUT:-/tmp/out}
-mkdir -p "$OUT"
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-  && export PYTHONPATH=/tmp/site:$PWD || exit 1
-export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false WANDB_MODE=disabled
-nvidia-smi -L
+source benchmarks/gpu_preamble.sh  # strict mode, $OUT, .whl/ wheels, GPUs listed
 if [ "$(nvidia-smi -L | wc -l)" -lt 2 ]; then echo "FSDP CHECK: FAIL (needs 2 GPUs)"; exit 1; fi
 python3 benchmarks/fsdp_check.py --tokenizer "$PWD/.gpu/tokenizer" --out "$OUT" 2>&1 | grep -v Warning | tee "$OUT/fsdp_check.log"
 exit "${PIPESTATUS[0]}"

@@ -4,13 +4,7 @@
 #   - a 2-GPU DDP smoke run of the real train.py (when 2 GPUs are present)
 # Needs: .whl/ (../shared/gpu/wheels.sh: hydra-core, omegaconf, ...) and .gpu/tokenizer (the SmolLM2
 # tokenizer saved with save_pretrained; the 98 MB GGUF wheel is not sent).
-set -uo pipefail
-OUT=${OUT:-/tmp/out}
-mkdir -p "$OUT"
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-  && export PYTHONPATH=/tmp/site:$PWD || exit 1
-export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false WANDB_MODE=disabled
-nvidia-smi -L
+source benchmarks/gpu_preamble.sh  # strict mode, $OUT, .whl/ wheels, GPUs listed
 python3 benchmarks/objective_throughput.py --repeats 2 --json "$OUT/objectives.json" 2>&1 | grep -v Warning | tee "$OUT/bench.log"
 if [ "$(nvidia-smi -L | wc -l)" -ge 2 ]; then
   F=$PWD/tests/fixtures
