@@ -33,6 +33,7 @@ import torch  # noqa: E402
 from diagnostics.report import band_layers, layer_mean  # noqa: E402
 from studies.arms import Arm, run_arms  # noqa: E402
 from studies.report import (  # noqa: E402
+    commands_section,
     fmt,
     grouped_bar_plot,
     line_plot,
@@ -250,15 +251,10 @@ def report(out: Path, arm_names: list[str], noise: dict[str, dict]) -> Path:
         "random tokens inserted at 10% / 25% of the positions; perplexity over the original tokens only. "
         f"Goal: sink rate below the baseline arm's with validation perplexity within {GOAL_PPL_PERCENT:g}%."
     )
-    commands = ["Commands (one train.py per arm):", ""] + [
-        f"- {a.name}: `{(a.path / 'command.txt').read_text().strip()}`"
-        for a in arms
-        if (a.path / "command.txt").exists()
-    ]
     path = write_report(
         out / "report.md",
         "Study 5: ADL on text (SmolLM2-135M, LoRA): sinks, entropy, noise robustness",
-        [intro, markdown_table(headers, rows), "\n".join(commands)],
+        [intro, markdown_table(headers, rows), commands_section(arms)],
         plots,
     )
     print(path.read_text(), flush=True)

@@ -32,6 +32,7 @@ from diagnostics.report import band_layers, layer_mean  # noqa: E402
 from studies.arms import Arm, run_arms  # noqa: E402
 from studies.report import (  # noqa: E402
     ArmOutputs,
+    commands_section,
     fmt,
     grouped_bar_plot,
     line_plot,
@@ -211,15 +212,10 @@ def report(out: Path, arm_names: list[str], band: str = EARLY_BAND) -> Path:
             "ratio",
         ),
     }
-    commands = ["Commands (one train.py per arm):", ""] + [
-        f"- {a.name}: `{(a.path / 'command.txt').read_text().strip()}`"
-        for a in arms
-        if (a.path / "command.txt").exists()
-    ]
     path = write_report(
         out / "report.md",
         "Study 1: decorrelation on text (SmolLM2-135M, LoRA)",
-        ["\n\n".join(intro), markdown_table(headers, rows), "\n".join(commands)],
+        ["\n\n".join(intro), markdown_table(headers, rows), commands_section(arms)],
         plots,
     )
     print(path.read_text(), flush=True)

@@ -134,6 +134,16 @@ def grouped_bar_plot(values: dict[str, dict[str, float]], path: str | Path, titl
     return path
 
 
+def commands_section(arms: list[ArmOutputs]) -> str:
+    """Markdown list of the train.py command of each arm that started (its `command.txt`)."""
+    commands = ["Commands (one train.py per arm):", ""] + [
+        f"- {a.name}: `{(a.path / 'command.txt').read_text().strip()}`"
+        for a in arms
+        if (a.path / "command.txt").exists()
+    ]
+    return "\n".join(commands)
+
+
 def write_report(path: str | Path, title: str, sections: list[str], plots: dict[str, Path | None]) -> Path:
     """`# title`, the sections (markdown strings) separated by blank lines, then the plots (relative links)."""
     path = Path(path)
