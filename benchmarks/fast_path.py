@@ -47,6 +47,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.step_timer import StepTimer  # noqa: E402
+from models.segments import IGNORE_INDEX  # noqa: E402
 
 SMOLLM2 = dict(hidden_size=576, num_layers=30, num_heads=9, num_kv_heads=3, intermediate_size=1536)
 LLAMA_1B = dict(
@@ -166,7 +167,7 @@ def fixed_batches(batch: int, length: int, vocab: int, seed: int = 1):
     gen = torch.Generator().manual_seed(seed)
     input_ids = torch.randint(3, vocab, (batch, length), generator=gen)
     labels = input_ids.clone()
-    labels[:, : length // 4] = -100
+    labels[:, : length // 4] = IGNORE_INDEX
     return {"input_ids": input_ids, "labels": labels, "attention_mask": torch.ones_like(input_ids)}
 
 
@@ -297,7 +298,7 @@ def long_tailed_examples(count: int, cap: int, vocab: int, seed: int = 0) -> lis
     examples = []
     for size in sizes.clamp(8, cap).long().tolist():
         ids = torch.randint(3, vocab, (size,), generator=gen).tolist()
-        examples.append({"input_ids": ids, "labels": [-100] * (size // 5) + ids[size // 5 :]})
+        examples.append({"input_ids": ids, "labels": [IGNORE_INDEX] * (size // 5) + ids[size // 5 :]})
     return examples
 
 

@@ -1,4 +1,4 @@
-"""Training-free attention edits, as baselines beside the objectives: ACT and ZeroTuning (OBJECTIVES.md).
+"""Training-free attention edits, as baselines beside the objectives: ACT and ZeroTuning (docs/training_free.md).
 
 - ACT ("Unveiling and Harnessing Hidden Attention Sinks", Yu et al., ICML 2024): in calibrated heads, a key
   k other than the first token is a sink when the mean attention it receives from the queries that see it

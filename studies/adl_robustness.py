@@ -31,6 +31,7 @@ if str(REPO_ROOT) not in sys.path:
 import torch  # noqa: E402
 
 from diagnostics.report import band_layers, layer_mean  # noqa: E402
+from models.segments import IGNORE_INDEX  # noqa: E402
 from studies.arms import Arm, run_arms  # noqa: E402
 from studies.report import (  # noqa: E402
     commands_section,
@@ -115,20 +116,20 @@ def noisy_perplexity(
         chunk = blocks[start : start + batch_size]
         width = max(len(ids) for ids, _ in chunk)
         input_ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
-        labels = torch.full((len(chunk), width), -100, dtype=torch.long)
+        labels = torch.full((len(chunk), width), IGNORE_INDEX, dtype=torch.long)
         mask = torch.zeros((len(chunk), width), dtype=torch.long)
         for row, (ids, original) in enumerate(chunk):
             input_ids[row, : len(ids)] = torch.tensor(ids)
             mask[row, : len(ids)] = 1
             keep = torch.tensor(original) & (torch.arange(len(ids)) >= 1)
-            labels[row, : len(ids)] = torch.where(keep, torch.tensor(ids), torch.tensor(-100))
+            labels[row, : len(ids)] = torch.where(keep, torch.tensor(ids), torch.tensor(IGNORE_INDEX))
         logits = model(input_ids=input_ids.to(device), attention_mask=mask.to(device)).logits.float()
         targets = labels[:, 1:].to(device)
         losses = torch.nn.functional.cross_entropy(
-            logits[:, :-1].flatten(0, 1), targets.flatten(), ignore_index=-100, reduction="sum"
+            logits[:, :-1].flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
         )
         total += float(losses)
-        count += int((targets != -100).sum())
+        count += int((targets != IGNORE_INDEX).sum())
     return math.exp(min(30.0, total / max(count, 1)))
 
 

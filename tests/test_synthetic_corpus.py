@@ -97,7 +97,7 @@ def test_ensure_is_idempotent_and_rebuilds_when_parameters_change(tmp_path):
 
 def test_synthetic_config_builds_on_first_use_and_loads_batches(tmp_path):
     cfg = compose_train(["data=synthetic_avsr", f"paths.artifacts_dir={tmp_path}", "seed=0"])
-    assert cfg.data.crop_size == 88 and cfg.data.strict  # inherited from conf/data/lrs3.yaml
+    assert cfg.data.crop_size == 88 and cfg.data.strict is False  # inherited from conf/data/lrs3.yaml
     cfg.data.prepare.update(
         num_train=2, num_val=2, num_test=1, include_librivox=False, progress=False, workers=1
     )

@@ -2,7 +2,7 @@
 
 The response is split at step markers (a regex, e.g. a newline or `Step \\d+:`); for every step k >= 1 the
 context is the instruction plus steps 0..k-1 and the target is step k. As at the instruction level
-(OBJECTIVES.md §4): CE on the target tokens back-propagated to the input embeddings in the teacher and in the
+(docs/objectives.md, LeaF): CE on the target tokens back-propagated to the input embeddings in the teacher and in the
 student, g_i = ||dL/de_i|| for the context tokens (the user's text and the prefix; no template or special
 tokens), d = confounder_scores(g_T, g_S), confounders d <= min(quantile, cap), whitespace never pruned, and one
 counterfactual row per contiguous span (a span never runs from the instruction into the prefix).
