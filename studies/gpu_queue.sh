@@ -7,6 +7,9 @@
 #   phase 4  carry .stage/whisper/part00                    -> Whisper installed: study 2 (GPUs 1,2), FSDP check (GPUs 2,3)
 #   phase 5  (nothing)                                      -> wait up to WAIT_S, then pack results into $OUT
 # Long jobs start with setsid, so they outlive the call that started them while the machine stays held.
+# Carry .gpu in EVERY phase: a carried path left out of a later call is removed there (seen 2026-11-28), so
+# phase 1 also copies it to /tmp/unsink/gpu and the jobs read it from there. A 4-GPU machine drew device
+# budget about 2.3x faster than wall time: prefer one GPU with UNSINK_ARMS_PER_GPU=4 (docs/results.md).
 set -uo pipefail
 phase=$1
 S=/tmp/unsink
@@ -17,6 +20,8 @@ start() {  # name, command...: a detached job with its own log and exit-code fil
   setsid nohup bash -c "$* ; echo \$? > $S/logs/$name.rc" > "$S/logs/$name.log" 2>&1 < /dev/null &
   echo "[queue] started $name"
 }
+mkdir -p $S/gpu && cp -r .gpu/. $S/gpu/ 2>/dev/null
+export TOKENIZER=$S/gpu/tokenizer SFT_FILE=$S/gpu/demo_sft_train.jsonl
 case $phase in
 1)
   nvidia-smi -L
@@ -33,7 +38,7 @@ PY
   start asr_corpus "python3 $S/asr_corpus.py"
   ;;
 2)
-  mkdir -p artifacts/data && tar xzf .gpu/pd_text.tgz -C artifacts/data && ls artifacts/data/pd_text
+  mkdir -p artifacts/data && tar xzf $S/gpu/pd_text.tgz -C artifacts/data && ls artifacts/data/pd_text
   ;;
 3)
   start study1 "CUDA_VISIBLE_DEVICES=0 UNSINK_ARMS_PER_GPU=4 python3 studies/decorr_text.py --out $S/decorr_text"
