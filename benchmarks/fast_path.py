@@ -163,6 +163,17 @@ def build_objectives(name: str, backbone) -> dict:
     return ot.build_objectives(name)
 
 
+def record_fit(row: dict, recipe, loader, args, device: str, rate_key: str) -> None:
+    """Fit `recipe` on `loader` (warm-up + timed steps, peak memory from zero) and put the timings in
+    `row`, with the rate under `rate_key` (tokens_per_s for text rows, clips_per_s for AVSR rows)."""
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    with tempfile.TemporaryDirectory() as tmp:
+        result = fit_recipe(recipe, loader, args.steps, args.warmup, device, Path(tmp) / "t.json")
+    row.update(result)
+    row[rate_key] = result.get("real_tokens_per_s")
+
+
 def fixed_batches(batch: int, length: int, vocab: int, seed: int = 1):
     gen = torch.Generator().manual_seed(seed)
     input_ids = torch.randint(3, vocab, (batch, length), generator=gen)
@@ -238,12 +249,7 @@ def recipe_row(label, kernels, objective, batch, length, args, fast_overrides=No
             loader = Repeat(fixed_batches(batch, length, min(vocab, 49152)), args.warmup + args.steps + 2)
         else:
             loader = data
-        if device == "cuda":
-            torch.cuda.reset_peak_memory_stats()
-        with tempfile.TemporaryDirectory() as tmp:
-            result = fit_recipe(recipe, loader, args.steps, args.warmup, device, Path(tmp) / "t.json")
-        row.update(result)
-        row["tokens_per_s"] = result.get("real_tokens_per_s")
+        record_fit(row, recipe, loader, args, device, "tokens_per_s")
     except torch.OutOfMemoryError:
         row["error"] = "OOM"
     except Exception as err:  # noqa: BLE001  (one failed row must not lose the table)
@@ -421,12 +427,7 @@ def avsr_row(shape_name: str, seconds: float, true_length: bool, kernels: str, a
         )
         data = avsr_batches(batch, seconds, args.warmup + args.steps + 2)
         loader = torch.utils.data.DataLoader(data, batch_size=None)
-        if device == "cuda":
-            torch.cuda.reset_peak_memory_stats()
-        with tempfile.TemporaryDirectory() as tmp:
-            result = fit_recipe(recipe, loader, args.steps, args.warmup, device, Path(tmp) / "t.json")
-        row.update(result)
-        row["clips_per_s"] = result.get("real_tokens_per_s")
+        record_fit(row, recipe, loader, args, device, "clips_per_s")
     except torch.OutOfMemoryError:
         row["error"] = "OOM"
     except Exception as err:  # noqa: BLE001
