@@ -14,6 +14,10 @@ teacher or a reference model built in the same process keeps the plain code):
   the logits (LeaF): that objective gets full logits and pays for them.
 - `compile: layers`: `torch.compile` on each decoder layer (regional compilation: one compiled graph reused
   by every layer, RMSNorm / RoPE / SwiGLU / LoRA fused by Inductor); `none` keeps eager.
+  `compile_mode: reduce-overhead` adds CUDA graphs (one replay per layer instead of its kernel launches:
+  what small, launch-bound models need); pair it with `data.pad_to_multiple_of` so lengths repeat.
+  Training passes `use_cache=False`: a KV cache built in every forward would make each layer's
+  compiled graph a separate one (guards on the cache's per-layer state).
 
 Without CUDA (`require_cuda: true`, the default) `kernels=fast` falls back to the plain path with a log
 line: CPU runs, CI and tests keep the plain code. Loss and gradients match the plain path (same model,
@@ -157,7 +161,21 @@ def compile_layers(model: torch.nn.Module, backend: str = "inductor", mode: str 
     )
     for layer in layers:
         layer.compile(backend=backend, mode=mode)
+    if mode in CUDAGRAPH_MODES:
+        global _cudagraphs_used
+        _cudagraphs_used = True
     return len(layers)
+
+
+CUDAGRAPH_MODES = ("reduce-overhead", "max-autotune")
+_cudagraphs_used = False
+
+
+def mark_training_step() -> None:
+    """Start of a training step: with CUDA graphs (`compile_mode=reduce-overhead`) tell Inductor's graph
+    trees that the previous step's outputs are dead, so their memory can be reused. No-op otherwise."""
+    if _cudagraphs_used:
+        torch.compiler.cudagraph_mark_step_begin()
 
 
 def apply_after_lora(model: torch.nn.Module, fast: FastPath) -> torch.nn.Module:

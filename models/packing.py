@@ -12,10 +12,12 @@ def is_packed(batch: Mapping) -> bool:
 def llm_inputs(batch: Mapping) -> dict:
     """Padded: input_ids / attention_mask / labels. Packed: input_ids / position_ids / labels and NO
     attention mask, so transformers derives the per-document causal mask from the restarting positions
-    (it does so only without a KV cache: use_cache=False)."""
+    (it does so only without a KV cache: use_cache=False). Training never wants a KV cache: without
+    use_cache=False transformers builds one every forward, and its per-layer state makes every compiled
+    decoder layer of the fast path a separate graph."""
     if is_packed(batch):
         return {**{k: batch[k] for k in ("input_ids", "position_ids", "labels")}, "use_cache": False}
-    return {k: batch[k] for k in ("input_ids", "attention_mask", "labels")}
+    return {**{k: batch[k] for k in ("input_ids", "attention_mask", "labels")}, "use_cache": False}
 
 
 def check_packing(batch: Mapping, objective_names) -> None:

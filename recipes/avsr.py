@@ -21,6 +21,7 @@ from harness import fsdp
 from metrics.wer import CorpusWER
 from models.attention_capture import disable_capture
 from models.avsr.avsr_model import MODALITIES, AVSRModel
+from models.fast import mark_training_step
 from models.lora import log_parameter_counts, set_trainable
 from models.segments import IGNORE_INDEX
 from recipes.avsr_export import export_avsr
@@ -158,6 +159,7 @@ class AVSRRecipe(L.LightningModule):
             )
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        mark_training_step()
         self._log_skipped(batch)
         if not batch["text"]:  # every clip of this batch was skipped: a zero loss keeps DDP ranks in step
             return sum(p.reshape(-1)[0] * 0.0 for p in self.parameters() if p.requires_grad)

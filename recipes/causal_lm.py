@@ -13,6 +13,7 @@ from torchmetrics import MeanMetric
 from harness import fsdp
 from models import segments as seg
 from models.attention_capture import disable_capture
+from models.fast import mark_training_step
 from models.lora import log_parameter_counts
 from models.packing import check_packing, llm_inputs
 from models.segments import IGNORE_INDEX
@@ -69,6 +70,7 @@ class CausalLMRecipe(L.LightningModule):
 
     # ---- steps -----------------------------------------------------------------------------------
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        mark_training_step()
         check_packing(batch, self.objectives.objectives)
         batch = self.objectives.transform_batch(batch, self.global_step, self.seed)
         inputs = llm_inputs(batch)
@@ -99,9 +101,7 @@ class CausalLMRecipe(L.LightningModule):
             self.window.apply(p for group in optimizer.param_groups for p in group["params"])
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
-        outputs = self.llm(
-            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"]
-        )
+        outputs = self.llm(**llm_inputs(batch))
         tokens = (batch["labels"][:, 1:] != IGNORE_INDEX).sum()
         self.val_loss.update(outputs.loss.detach(), weight=tokens)
 

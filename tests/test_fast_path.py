@@ -125,6 +125,28 @@ def test_compiled_layers_match_eager(tiny_lm_factory):
         torch.testing.assert_close(grads_c[name], grads_e[name], rtol=1e-4, atol=1e-6)
 
 
+def test_training_inputs_compile_one_graph_for_all_layers(tiny_lm_factory):
+    """The recipe's inputs (models/packing.llm_inputs: use_cache=False) let every decoder layer reuse one
+    compiled graph. With a KV cache built in the forward, Dynamo guards on each layer's cache slot and
+    compiles a graph per layer (4 layers -> 5 graphs here; 30 on SmolLM2, minutes of compiling)."""
+    from models.packing import llm_inputs
+
+    backbone = partial(tiny_lm_factory, hidden_size=32, num_layers=4, intermediate_size=64)
+    settings = {"require_cuda": False, "compile": "layers", "compile_backend": "aot_eager", "base_dtype": "fp32"}
+    llm, tokenizer = prepare_llm(backbone, ObjectiveSet(), LORA, kernels="fast", fast=settings)
+    batch = batch_with_ignored_labels(len(tokenizer))
+
+    def graphs_for(inputs) -> int:
+        torch._dynamo.reset()
+        torch._dynamo.utils.counters.clear()
+        llm(**inputs).loss.backward()
+        return torch._dynamo.utils.counters["stats"]["unique_graphs"]
+
+    # layer 0's input does not require grad, layers 1-3's does: two variants of one graph
+    assert graphs_for(llm_inputs(batch)) == 2
+    assert graphs_for({**llm_inputs(batch), "use_cache": True}) > 2  # what the fix avoids
+
+
 def test_lora_dropout_is_zero_on_fast_path(tiny_lm_factory):
     fast, _ = build(tiny_lm_factory, "fast", lora_dropout=0.0)
     dropouts = [m for n, m in fast.named_modules() if n.endswith("lora_dropout.default")]

@@ -25,6 +25,9 @@ class TextDataModule(L.LightningDataModule):
     prepare: optional callable run once before reading (e.g. the demo corpus builder).
     packing: pack each training batch's examples into rows of `max_length` (data/text/packing.py:
         position ids restart per document, no attention across documents); validation stays padded.
+    pad_to_multiple_of: round every batch's length up to a multiple of this (1: the longest row). With
+        the compiled fast path a few fixed lengths mean a few compiled graphs (and CUDA graphs) instead
+        of one per length.
     The tokenizer comes from the recipe through `connect_tokenizer` (train.py calls it).
     """
 
@@ -42,6 +45,7 @@ class TextDataModule(L.LightningDataModule):
         seed: int = 0,
         prepare=None,
         packing: bool = False,
+        pad_to_multiple_of: int = 1,
     ):
         super().__init__()
         if format not in FORMATS:
@@ -51,6 +55,9 @@ class TextDataModule(L.LightningDataModule):
         self.eval_batch_size = eval_batch_size or batch_size
         self.val_fraction, self.num_workers, self.strict, self.seed = val_fraction, num_workers, strict, seed
         self.prepare, self.packing = prepare, packing
+        if pad_to_multiple_of < 1:
+            raise ValueError(f"data.pad_to_multiple_of must be >= 1, got {pad_to_multiple_of}")
+        self.pad_to_multiple_of = pad_to_multiple_of
         self.tokenizer = None
         self.train_set = self.val_set = None
 
@@ -95,7 +102,11 @@ class TextDataModule(L.LightningDataModule):
     def _loader(self, dataset, batch_size: int, shuffle: bool) -> DataLoader:
         sampler = EpochSeededSampler(len(dataset), self.seed) if shuffle else None
         pad = self.tokenizer.pad_token_id
-        collate = PackingCollator(pad, self.max_length) if shuffle and self.packing else PadCollator(pad)
+        multiple = self.pad_to_multiple_of
+        if shuffle and self.packing:
+            collate = PackingCollator(pad, self.max_length, multiple)
+        else:
+            collate = PadCollator(pad, multiple)
         return DataLoader(
             dataset,
             batch_size=batch_size,

@@ -78,7 +78,9 @@ class LeafDistillationObjective(Objective):
         if next(self.teacher.parameters()).device != device:
             self.teacher.to(device)
         with torch.no_grad():
-            return self.teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            return self.teacher(
+                input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False
+            ).logits
 
     def loss(self, ctx: ObjectiveContext) -> torch.Tensor:
         labels = ctx.batch["labels"]
