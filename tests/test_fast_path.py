@@ -132,7 +132,12 @@ def test_training_inputs_compile_one_graph_for_all_layers(tiny_lm_factory):
     from models.packing import llm_inputs
 
     backbone = partial(tiny_lm_factory, hidden_size=32, num_layers=4, intermediate_size=64)
-    settings = {"require_cuda": False, "compile": "layers", "compile_backend": "aot_eager", "base_dtype": "fp32"}
+    settings = {
+        "require_cuda": False,
+        "compile": "layers",
+        "compile_backend": "aot_eager",
+        "base_dtype": "fp32",
+    }
     llm, tokenizer = prepare_llm(backbone, ObjectiveSet(), LORA, kernels="fast", fast=settings)
     batch = batch_with_ignored_labels(len(tokenizer))
 
