@@ -262,6 +262,34 @@ def report(out: Path, arm_names: list[str], noise: dict[str, dict]) -> Path:
     return path
 
 
+def link_baseline(out: Path, source: Path) -> None:
+    """<out>/baseline -> `source` (a baseline arm trained by another study with the same overrides)."""
+    out.mkdir(parents=True, exist_ok=True)
+    link = out / BASELINE
+    if link.is_symlink() or link.exists():
+        if link.resolve() != source.resolve():
+            raise FileExistsError(
+                f"{link} exists and is not a link to {source}: remove it or drop --baseline-from"
+            )
+        return
+    link.symlink_to(source.resolve(), target_is_directory=True)
+
+
+def wait_for_finished(run_dir: Path, timeout_s: float, poll_s: float = 10.0) -> None:
+    """Block until `run_dir/results.json` exists (train.py writes it last), or raise after `timeout_s`."""
+    import time
+
+    start = last = time.monotonic()
+    while not (run_dir / "results.json").exists():
+        now = time.monotonic()
+        if now - start > timeout_s:
+            raise TimeoutError(f"{run_dir} has no results.json after {timeout_s:.0f} s: did that run fail?")
+        if now - last >= 60:
+            print(f"[study] waiting for {run_dir} to finish ({now - start:.0f} s)", flush=True)
+            last = now
+        time.sleep(poll_s)
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_common_options(parser)
@@ -269,6 +297,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--noise-blocks", type=int, default=None, help="held-out test blocks (default 128; smoke 4)"
     )
+    parser.add_argument(
+        "--baseline-from",
+        default=None,
+        help="the baseline arm of another text-LM study with the same options (e.g. <decorr_text>/baseline): "
+        "linked instead of trained again; waits until it has finished",
+    )
+    parser.add_argument("--baseline-wait-s", type=float, default=7200, help="how long to wait for it")
     args = finish_common_options(parser.parse_args(argv), "adl_robustness")
     args.weights = [float(w) for w in args.weights.split(",") if w.strip()]
     args.noise_blocks = args.noise_blocks or (4 if args.smoke else 128)
@@ -281,7 +316,12 @@ def main(argv: list[str] | None = None) -> Path:
     out = Path(args.out)
     if not args.report_only:
         prepare_corpus(args)
-        run_arms(arms, out)
+        if args.baseline_from:
+            link_baseline(out, Path(args.baseline_from))
+            run_arms([a for a in arms if a.name != BASELINE], out)
+            wait_for_finished(out / BASELINE, args.baseline_wait_s)
+        else:
+            run_arms(arms, out)
     noise_file = out / "noise_robustness.json"
     noise = json.loads(noise_file.read_text()) if noise_file.exists() else {}
     test_file = corpus_dir(args) / "test.txt"

@@ -95,3 +95,20 @@ def test_smoke_study_runs_every_arm_and_writes_the_report(study, tmp_path):
     assert "| baseline | 4 |" in text and "(unfinished)" not in text
     assert all((tmp_path / name / "results.json").exists() for name in ("baseline",))
     assert len(list(tmp_path.glob("*.png"))) >= 3
+
+
+def test_adl_study_links_a_finished_baseline_and_refuses_a_foreign_one(tmp_path):
+    """--baseline-from shares one baseline arm between studies 1 and 5 (same overrides but the run name)."""
+    other = tmp_path / "decorr_text" / "baseline"
+    other.mkdir(parents=True)
+    out = tmp_path / "adl"
+    adl_robustness.link_baseline(out, other)
+    assert (out / "baseline").resolve() == other.resolve()
+    adl_robustness.link_baseline(out, other)  # rerun: the same link is fine
+    with pytest.raises(TimeoutError, match="no results.json"):
+        adl_robustness.wait_for_finished(out / "baseline", timeout_s=0.05, poll_s=0.01)
+    (other / "results.json").write_text("{}")
+    adl_robustness.wait_for_finished(out / "baseline", timeout_s=1, poll_s=0.01)
+    (tmp_path / "adl2" / "baseline").mkdir(parents=True)
+    with pytest.raises(FileExistsError, match="not a link"):
+        adl_robustness.link_baseline(tmp_path / "adl2", other)
