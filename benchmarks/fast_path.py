@@ -50,7 +50,10 @@ sys.path.insert(0, str(ROOT))
 from benchmarks.step_timer import StepTimer  # noqa: E402
 from models.segments import IGNORE_INDEX  # noqa: E402
 
-SMOLLM2 = dict(hidden_size=576, num_layers=30, num_heads=9, num_kv_heads=3, intermediate_size=1536)
+# Every shape names vocab_size (random_llama reads it): None = the tokenizer's length (SmolLM2's: 49152).
+SMOLLM2 = dict(
+    hidden_size=576, num_layers=30, num_heads=9, num_kv_heads=3, intermediate_size=1536, vocab_size=None
+)
 LLAMA_1B = dict(
     hidden_size=2048, num_layers=16, num_heads=32, num_kv_heads=8, intermediate_size=8192, vocab_size=128256
 )
@@ -471,7 +474,12 @@ def main(argv=None):
     parser.add_argument("--pack-len", type=int, default=2048)
     parser.add_argument("--pack-batch", type=int, default=32)
     parser.add_argument("--avsr-batch", type=int, default=8, help="clips per AVSR step")
-    parser.add_argument("--rows", default=None, help="small: row indices (0,1,..); lm1b: row names")
+    parser.add_argument(
+        "--rows",
+        default=None,
+        help="small: row indices (0,1,..); lm1b: row names; "
+        "avsr: shape:seconds:true_length:kernels (demo:8:1:fast)",
+    )
     parser.add_argument("--timeout", type=int, default=240, help="seconds per train.py run")
     args = parser.parse_args(argv)
     args.steps = args.steps or (2 if args.tiny else 8)

@@ -216,3 +216,19 @@ def test_chunked_loss_with_inputs_embeds(tiny_lm_factory):
     out = model(**inputs)
     assert out.logits is None
     torch.testing.assert_close(out.loss, ref, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("shape_name", ["demo", "paper", "tiny"])
+def test_benchmark_builds_every_avsr_shape_with_a_tokenizer(shape_name, tiny_lm_factory, tmp_path):
+    """benchmarks/fast_path.py avsr --tokenizer: each shape's LLM builds (on the meta device, no memory), with
+    the shape's vocab or else the tokenizer's length (the demo row once raised KeyError: 'vocab_size')."""
+    from benchmarks.fast_path import AVSR_SHAPES, random_llama
+
+    _, tokenizer = tiny_lm_factory()
+    tokenizer.save_pretrained(tmp_path)
+    _, llm_shape = AVSR_SHAPES[shape_name]
+    model, loaded = random_llama(llm_shape, str(tmp_path), "meta", "bf16")
+    assert model.config.vocab_size == (llm_shape["vocab_size"] or len(loaded))
+    assert model.config.num_hidden_layers == llm_shape["num_layers"]
+    if shape_name == "demo":
+        assert model.config.vocab_size == 49152  # SmolLM2's vocabulary
