@@ -9,8 +9,8 @@ teacher or a reference model built in the same process keeps the plain code):
 - LoRA dropout `lora_dropout` (0): peft then skips the dropout kernel and the extra copy of every input.
 - the training loss without [B,T,V] logits (`fused_cross_entropy`): `chunked` (models/fast_loss.py, pure
   torch, any device), `liger` (liger-kernel's fused linear cross-entropy, CUDA: the gradient is computed
-  in the forward pass, no recomputation) or `auto` (liger where it imports, CUDA is present and no
-  embedding row trains through peft's trainable tokens, else chunked). Skipped when an objective reads
+  in the forward pass, no recomputation) or `auto` (liger where it imports, CUDA is present, the model is
+  at least 1024 wide and no embedding row trains through peft's trainable tokens, else chunked). Skipped when an objective reads
   the logits (LeaF): that objective gets full logits and pays for them.
 - `compile: layers`: `torch.compile` on each decoder layer (regional compilation: one compiled graph reused
   by every layer, RMSNorm / RoPE / SwiGLU / LoRA fused by Inductor); `none` keeps eager.
@@ -92,17 +92,29 @@ def liger_available() -> bool:
     return torch.cuda.is_available()
 
 
+# Below this width `auto` uses the chunked loss. Measured on one H200 (benchmarks/RESULTS.md): SmolLM2-135M
+# (576 wide) ran 8.45 steps/s chunked vs 6.98 with Liger; the 1B shape (2048 wide) 79.6k tokens/s with
+# Liger vs 65.4k chunked.
+LIGER_MIN_HIDDEN = 1024
+
+
 def cross_entropy_mode(
-    fast: FastPath, needs_logits: bool, trainable_tokens: bool, model_type: str | None = "llama"
+    fast: FastPath,
+    needs_logits: bool,
+    trainable_tokens: bool,
+    model_type: str | None = "llama",
+    hidden_size: int | None = None,
 ) -> str:
     """The CE implementation to install: none | chunked | liger (see the module docstring for `auto`).
 
-    `auto` picks liger only for Llama-family models (SmolLM2, Llama 3): its forward is Llama's.
+    `auto` picks liger only for Llama-family models (SmolLM2, Llama 3: its forward is Llama's) at least
+    LIGER_MIN_HIDDEN wide; smaller models are faster with the chunked loss.
     """
     if needs_logits or fast.fused_cross_entropy == "none":
         return "none"
     if fast.fused_cross_entropy == "auto":
-        liger = model_type == "llama" and not trainable_tokens and liger_available()
+        wide = hidden_size is None or hidden_size >= LIGER_MIN_HIDDEN
+        liger = model_type == "llama" and wide and not trainable_tokens and liger_available()
         return "liger" if liger else "chunked"
     return fast.fused_cross_entropy
 
@@ -111,8 +123,10 @@ def apply_before_lora(
     model: torch.nn.Module, fast: FastPath, needs_logits: bool = False, trainable_tokens: bool = False
 ) -> str:
     """Per-instance swap of the training loss on the bare HF causal LM (before peft wraps it)."""
-    model_type = getattr(getattr(model, "config", None), "model_type", None)
-    mode = cross_entropy_mode(fast, needs_logits, trainable_tokens, model_type)
+    config = getattr(model, "config", None)
+    model_type = getattr(config, "model_type", None)
+    hidden_size = getattr(config, "hidden_size", None)
+    mode = cross_entropy_mode(fast, needs_logits, trainable_tokens, model_type, hidden_size)
     if mode == "chunked":
         install_chunked_loss(model, fast.ce_chunk_tokens)
     elif mode == "liger":

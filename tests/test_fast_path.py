@@ -187,6 +187,8 @@ def test_cross_entropy_choice(monkeypatch):
     assert fastpath.cross_entropy_mode(settings, False, False) == "liger"
     assert fastpath.cross_entropy_mode(settings, False, trainable_tokens=True) == "chunked"  # MEAP's row
     assert fastpath.cross_entropy_mode(settings, False, False, model_type="qwen2") == "chunked"
+    assert fastpath.cross_entropy_mode(settings, False, False, hidden_size=576) == "chunked"  # SmolLM2
+    assert fastpath.cross_entropy_mode(settings, False, False, hidden_size=2048) == "liger"  # 1B
 
 
 def test_objective_that_reads_logits_gets_them(tiny_lm_factory):
