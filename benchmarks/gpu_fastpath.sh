@@ -22,7 +22,7 @@ run() {  # section, time limit (s), extra args
   grep '^{' "$OUT/$1.log" | $PY -c 'import json,sys
 for l in sys.stdin:
     r=json.loads(l); b=r.get("busy") or {}
-    print({k: (round(v,3) if isinstance(v,float) else v[-400:] if k=="error" else v) for k,v in r.items() if k in ("row","path","data","steps_per_s_median","tokens_per_s","real_tokens_per_s","peak_mem_gib","first_loss","clips_per_s","seconds","true_length","kernels","error")} | ({"busy": round(b["gpu_busy_fraction"],3)} if b else {}))'
+    print({k: (round(v,3) if isinstance(v,float) else v[-400:] if k=="error" else v) for k,v in r.items() if k in ("row","path","data","steps_per_s_median","tokens_per_s","real_tokens_per_s","peak_mem_gib","first_loss","clips_per_s","seconds","true_length","kernels","error")} | ({"busy": round(b["gpu_busy_fraction"],3), "kernels_per_step": b.get("kernels_per_step")} if b else {}))'
 }
 [ "${SMALL_S:-300}" -gt 0 ] && run small "${SMALL_S:-300}" ${SMALL_ROWS:+--rows $SMALL_ROWS}
 [ "${LM1B_S:-400}" -gt 0 ] && run lm1b "${LM1B_S:-400}" ${LM1B_ROWS:+--rows $LM1B_ROWS}

@@ -96,10 +96,3 @@ def test_datamodule_packs_training_batches_only(tiny_lm):
     val = next(iter(data.val_dataloader()))
     assert "position_ids" in train and train["input_ids"].shape[0] < 4  # 4 short examples, fewer rows
     assert "position_ids" not in val
-
-
-def test_step_timer_counts_overlapping_kernels_once():
-    from benchmarks.step_timer import union_length
-
-    assert union_length([(0, 10), (5, 15), (20, 25)]) == 20
-    assert union_length([]) == 0

@@ -1,0 +1,99 @@
+"""benchmarks/step_timer.py: GPU busy from a Chrome trace counts kernels, memcpy and memset only."""
+
+import json
+
+import lightning as L
+import pytest
+import torch
+
+from benchmarks.step_timer import StepTimer, device_activity, profiled_activity, union_length
+
+
+def event(cat: str, name: str, ts: float, dur: float, tid: int = 7, ph: str = "X") -> dict:
+    return {"ph": ph, "cat": cat, "name": name, "pid": 0, "tid": tid, "ts": ts, "dur": dur}
+
+
+def synthetic_trace() -> dict:
+    """Two steps' worth of GPU work (microseconds) under an annotation spanning the idle gaps, plus CPU events."""
+    return {
+        "traceEvents": [
+            event("cpu_op", "aten::mm", 0, 300, tid=1),
+            event("user_annotation", "Optimizer.step#AdamW.step", 0, 300, tid=1),
+            event("cuda_runtime", "cudaLaunchKernel", 1, 2, tid=1),
+            event("gpu_user_annotation", "Optimizer.step#AdamW.step", 0, 200),
+            event("gpu_user_annotation", "CompiledFunction", 0, 110, tid=8),
+            event("kernel", "gemm", 0, 10),
+            event("kernel", "rmsnorm", 5, 10, tid=8),  # another stream, overlaps gemm: [0, 15) once
+            event("gpu_memcpy", "Memcpy HtoD (Pageable -> Device)", 20, 10),
+            event("gpu_memset", "Memset (Device)", 40, 2),
+            event("kernel", "gemm", 100, 10),
+            event("kernel", "adamw", 150, 4.5),
+            event("ac2g", "ac2g", 100, 0, ph="f"),  # flow arrows are not intervals
+            {"ph": "M", "name": "process_name", "pid": 0, "args": {"name": "GPU 0"}},
+        ]
+    }
+
+
+def test_union_counts_overlapping_kernels_once():
+    assert union_length([(0, 10), (5, 15), (20, 25)]) == 20
+    assert union_length([(0.5, 1.0), (1.0, 2.25)]) == 1.75
+    assert union_length([]) == 0
+
+
+def test_busy_ignores_annotations_and_cpu_events():
+    activity = device_activity(synthetic_trace(), steps=2)
+    # [0, 15) + [20, 30) + [40, 42) + [100, 110) + [150, 154.5); a union over every device event would be 200
+    assert activity["gpu_busy_s"] == pytest.approx(41.5e-6)
+    assert activity["by_category_ms"] == pytest.approx(
+        {"kernel": 0.0345, "gpu_memcpy": 0.01, "gpu_memset": 0.002}
+    )
+    assert activity["kernels"] == 4 and activity["kernels_per_step"] == 2
+
+
+def test_top_kernels_sum_per_name_largest_first():
+    top = device_activity(synthetic_trace())["top_kernels"]
+    assert [row["name"] for row in top] == ["gemm", "rmsnorm", "adamw"]
+    assert top[0] == {"name": "gemm", "count": 2, "total_ms": pytest.approx(0.02)}
+    assert sum(row["total_ms"] for row in top) == pytest.approx(
+        device_activity(synthetic_trace())["by_category_ms"]["kernel"]
+    )
+    assert [row["name"] for row in device_activity(synthetic_trace(), top=1)["top_kernels"]] == ["gemm"]
+
+
+def test_profiled_activity_reads_the_exported_trace():
+    """The export-and-parse path on a real (CPU) profile: the record_function range and the ops are no GPU work."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profiler:
+        with torch.profiler.record_function("Optimizer.step#AdamW.step"):
+            torch.randn(64, 64) @ torch.randn(64, 64)
+    activity = profiled_activity(profiler, steps=1)
+    assert activity["gpu_busy_s"] == 0 and activity["kernels"] == 0 and activity["top_kernels"] == []
+
+
+class TinyModule(L.LightningModule):
+    def __init__(self):
+        super().__init__()
+        self.layer = torch.nn.Linear(4, 1)
+
+    def training_step(self, batch, batch_idx):
+        return self.layer(batch["input_ids"].float()).pow(2).mean()
+
+    def configure_optimizers(self):
+        return torch.optim.AdamW(self.parameters(), lr=1e-3)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU path")
+def test_step_timer_on_cpu_reports_no_busy(tmp_path):
+    batches = [{"input_ids": torch.arange(8).reshape(2, 4) + i} for i in range(10)]
+    out = tmp_path / "speed.json"
+    trainer = L.Trainer(
+        accelerator="cpu",
+        max_steps=10,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[StepTimer(str(out), warmup=2, profile_steps=3)],
+    )
+    trainer.fit(TinyModule(), train_dataloaders=torch.utils.data.DataLoader(batches, batch_size=None))
+    result = json.loads(out.read_text())
+    assert result["busy"] is None and result["steps"] == 4 and result["first_loss"] > 0
