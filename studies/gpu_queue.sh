@@ -7,8 +7,9 @@
 #   phase 3  (nothing)                               -> wait up to WAIT_S, then pack results into $OUT
 # .gpu: tokenizer/ + demo_sft_train.jsonl (benchmarks); .gpu2: pd_text.tgz (artifacts/data/pd_text) and
 # meap_data.tgz (`studies/meap_passkey.py --prepare-only`'s data/ folder: its haystacks need Debian text).
-# STUDIES picks what phase 2 starts (default "1 5 4"): 1 decorr_text, 5 adl_robustness (sharing study 1's
-# baseline arm), 4 leaf_vs_kd, 3 meap_passkey. Every call ends by packing what exists, so a machine
+# STUDIES picks what phase 2 starts (default "4 3", the queue's next items): 1 decorr_text, 5 adl_robustness
+# (sharing study 1's baseline arm), 5b adl_robustness at lower weights with its own baseline, 4 leaf_vs_kd,
+# 3 meap_passkey. Every call ends by packing what exists, so a machine
 # taken back mid-run still returns each arm's CSV log and sink measurements of the calls before.
 # Long jobs start with setsid, so they outlive the call that started them while the machine stays held
 # (it goes back 30 s after a call ends: send the next call at once). Lesson of 2026-11-28: a 4-GPU
@@ -29,7 +30,7 @@ collect() {  # every arm's logs, sinks and reports so far -> $OUT/results.tgz
   nvidia-smi --query-gpu=index,utilization.gpu,memory.used --format=csv,noheader
   (cd $S && tar czf "$OUT/results.tgz" --exclude='*.ckpt' --exclude='adapter' --exclude='*.safetensors' \
     --exclude='data' --exclude='wandb' --exclude='merged' --exclude='student_model' \
-    logs $(ls -d decorr_text adl_robustness leaf_vs_kd meap_passkey 2>/dev/null))
+    logs $(ls -d decorr_text adl_robustness adl_robustness_low leaf_vs_kd meap_passkey 2>/dev/null))
   ls -la "$OUT"
 }
 wait_jobs() {  # up to $1 seconds, or until every started job has an exit code
@@ -54,10 +55,11 @@ case $phase in
   mkdir -p artifacts/data && tar xzf .gpu2/pd_text.tgz -C artifacts/data && ls artifacts/data/pd_text
   mkdir -p $S/meap_passkey && tar xzf .gpu2/meap_data.tgz -C $S/meap_passkey
   export UNSINK_ARMS_PER_GPU=8  # every arm of every study at once on the one GPU (launch-bound models)
-  for study in ${STUDIES:-1 5 4}; do
+  for study in ${STUDIES:-4 3}; do
     case $study in
       1) start study1 "python3 studies/decorr_text.py --weights ${DECORR_WEIGHTS:-10,100} --out $S/decorr_text" ;;
       5) start study5 "python3 studies/adl_robustness.py --out $S/adl_robustness --baseline-from $S/decorr_text/baseline" ;;
+      5b) start study5b "python3 studies/adl_robustness.py --weights ${ADL_WEIGHTS:-0.1,0.3} --out $S/adl_robustness_low" ;;
       4) start study4 "python3 studies/leaf_vs_kd.py --out $S/leaf_vs_kd" ;;
       3) start study3 "python3 studies/meap_passkey.py --out $S/meap_passkey" ;;
     esac
