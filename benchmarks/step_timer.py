@@ -16,7 +16,9 @@ by the wall time of those steps. Not every event with device type CUDA: kineto a
 last kernel queued inside it, idle gaps included). Lightning runs forward and backward inside
 `optimizer.step(closure)`, so "Optimizer.step#AdamW.step" covers nearly the whole step on the GPU, and a
 union over all CUDA events (the old metric) read 92-98% on the H200 whatever the kernels did. The same trace gives `kernels_per_step`,
-the time per category (`by_category_ms`) and the 15 kernels with the most total time (`top_kernels`).
+the time per category (`by_category_ms`) and the 15 kernels with the most total time (`top_kernels`);
+on the host side the 15 operators with the most self CPU time (`top_cpu_ops`) and the `record_function`
+ranges by CPU time (`cpu_ranges`), per profiled step.
 """
 
 from __future__ import annotations
@@ -92,6 +94,29 @@ def profiled_activity(profiler, steps: int) -> dict:
     return device_activity(trace, steps)
 
 
+def cpu_hotspots(profiler, steps: int, top: int = TOP_KERNELS) -> dict:
+    """Where the host time goes: the `top` operators by self CPU time, and the `record_function` ranges
+    (optimizer step, compiled regions, ...) by total CPU time, both in ms per profiled step."""
+    averages = list(profiler.key_averages())
+    ops = sorted(averages, key=lambda e: e.self_cpu_time_total, reverse=True)[:top]
+    ranges: dict[str, list] = {}
+    for event in profiler.events():
+        if event.is_user_annotation and event.device_type == torch.autograd.DeviceType.CPU:
+            row = ranges.setdefault(event.name, [0, 0.0])
+            row[0] += 1
+            row[1] += event.cpu_time_total
+    ranked = sorted(ranges.items(), key=lambda item: item[1][1], reverse=True)[:top]
+    return {
+        "top_cpu_ops": [
+            {"name": e.key, "count": e.count, "self_cpu_ms_per_step": e.self_cpu_time_total / 1e3 / steps}
+            for e in ops
+        ],
+        "cpu_ranges": [
+            {"name": name, "count": n, "cpu_ms_per_step": us / 1e3 / steps} for name, (n, us) in ranked
+        ],
+    }
+
+
 class StepTimer(L.Callback):
     def __init__(self, out: str, warmup: int = 10, profile_steps: int = 0):
         self.out, self.warmup, self.profile_steps = out, warmup, profile_steps
@@ -127,6 +152,7 @@ class StepTimer(L.Callback):
             activity = profiled_activity(self.profiler, self.profile_steps)
             busy = activity.pop("gpu_busy_s")
             self.busy = {"gpu_busy_s": busy, "wall_s": wall, "gpu_busy_fraction": busy / wall, **activity}
+            self.busy.update(cpu_hotspots(self.profiler, self.profile_steps))
             self.profiler = None
         if step >= self.warmup + self.profile_steps:  # timed steps (the first one only opens the window)
             mask = batch.get("attention_mask")

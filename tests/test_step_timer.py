@@ -6,7 +6,13 @@ import lightning as L
 import pytest
 import torch
 
-from benchmarks.step_timer import StepTimer, device_activity, profiled_activity, union_length
+from benchmarks.step_timer import (
+    StepTimer,
+    cpu_hotspots,
+    device_activity,
+    profiled_activity,
+    union_length,
+)
 
 
 def event(cat: str, name: str, ts: float, dur: float, tid: int = 7, ph: str = "X") -> dict:
@@ -67,6 +73,25 @@ def test_profiled_activity_reads_the_exported_trace():
             torch.randn(64, 64) @ torch.randn(64, 64)
     activity = profiled_activity(profiler, steps=1)
     assert activity["gpu_busy_s"] == 0 and activity["kernels"] == 0 and activity["top_kernels"] == []
+
+
+def test_cpu_hotspots_rank_ops_and_ranges_per_step():
+    """Host-side view: operators by self CPU time and record_function ranges, both divided by the steps."""
+    a, b = torch.randn(256, 256), torch.randn(256, 256)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profiler:
+        for _ in range(2):
+            with torch.profiler.record_function("Optimizer.step#AdamW.step"):
+                for _ in range(5):
+                    a @ b
+            with torch.profiler.record_function("tiny"):
+                a + 1
+    hot = cpu_hotspots(profiler, steps=2)
+    assert hot["top_cpu_ops"][0]["name"] == "aten::mm" and hot["top_cpu_ops"][0]["count"] == 10
+    ranges = {r["name"]: r for r in hot["cpu_ranges"]}
+    assert ranges["Optimizer.step#AdamW.step"]["count"] == 2 and ranges["tiny"]["count"] == 2
+    assert hot["cpu_ranges"][0]["name"] == "Optimizer.step#AdamW.step"  # five matmuls beat one add
+    total_ms = sum(e.self_cpu_time_total for e in profiler.key_averages() if e.key == "aten::mm") / 1e3
+    assert hot["top_cpu_ops"][0]["self_cpu_ms_per_step"] == pytest.approx(total_ms / 2)
 
 
 class TinyModule(L.LightningModule):
