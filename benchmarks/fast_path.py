@@ -13,7 +13,8 @@ small: `train.py experiment=lm_sft` with a random SmolLM2-135M-shaped model (576
 (torch profiler: union of kernel, memcpy and memset time / wall time over profiled steps; with the
 kernels per step and the top kernels). plain = `trainer=gpu`;
 fast = `model.kernels=fast trainer=gpu_fast` (SFT rows padded to a multiple of 64); fast+cudagraphs = fast with
-`model.fast.compile_mode=reduce-overhead` (CUDA graphs of each compiled layer).
+`model.fast.compile_mode=reduce-overhead` (CUDA graphs of each compiled layer); "whole decoder" rows add
+`model.fast.compile=model` (one graph for the decoder: two CUDA-graph replays per step).
 
 lm1b: random Llama-3.2-1B shape (2048 wide, 16 layers, 32 heads, 8 KV heads, 8192 MLP, vocab 128256,
 tied), LoRA r16 on all linear layers, bf16 weights, bf16-mixed Lightning, one fixed random batch (first
@@ -93,6 +94,7 @@ def small(args) -> list[dict]:
         fast += ["model.fast.require_cuda=false", "model.fast.compile=none"]
     lm = ["data=text_lm", f"data.train_file={text_file}", "data.num_workers=0"]
     graphs = fast + ([] if args.tiny else ["model.fast.compile_mode=reduce-overhead"])
+    whole = [] if args.tiny else ["model.fast.compile=model"]
     pad = ["data.pad_to_multiple_of=64"]  # two lengths (64, 128): two compiled graphs, not one per length
     big = ["data.batch_size=32", "data.max_length=256"]
     plan = [
@@ -102,6 +104,8 @@ def small(args) -> list[dict]:
         ("plain", "lm B=32 T=256", plain, lm + big, 30, 8, 5),
         ("fast+cudagraphs", "sft B=8 T<=128", graphs, pad, 400, 100, 10),
         ("fast+cudagraphs", "lm B=32 T=256", graphs, lm + big, 200, 30, 10),
+        ("fast+cudagraphs, whole decoder", "sft B=8 T<=128", graphs + whole, pad, 400, 100, 10),
+        ("fast+cudagraphs, whole decoder", "lm B=32 T=256", graphs + whole, lm + big, 200, 30, 10),
     ]
     if args.tiny:
         plan = [(k, d, c, x, 6, 2, 2 if p else 0) for k, d, c, x, _, _, p in plan]

@@ -18,6 +18,8 @@ teacher or a reference model built in the same process keeps the plain code):
   what small, launch-bound models need); pair it with `data.pad_to_multiple_of` so lengths repeat.
   Training passes `use_cache=False`: a KV cache built in every forward would make each layer's
   compiled graph a separate one (guards on the cache's per-layer state).
+  `compile: model` compiles the whole decoder (embedding to final norm) as one graph: with CUDA graphs a
+  step replays two graphs instead of two per layer, at a longer compile.
 
 Without CUDA (`require_cuda: true`, the default) `kernels=fast` falls back to the plain path with a log
 line: CPU runs, CI and tests keep the plain code. Loss and gradients match the plain path (same model,
@@ -40,7 +42,7 @@ log = logging.getLogger(__name__)
 
 KERNELS = ("plain", "fast")
 CE_MODES = ("auto", "chunked", "liger", "none")
-COMPILE_MODES = ("layers", "none")
+COMPILE_MODES = ("layers", "model", "none")
 
 
 @dataclass
@@ -192,11 +194,36 @@ def mark_training_step() -> None:
         torch.compiler.cudagraph_mark_step_begin()
 
 
+def decoder_model(model: torch.nn.Module) -> torch.nn.Module:
+    """The module that owns the decoder's layer list (an HF `LlamaModel`: embedding, mask, RoPE, layers,
+    final norm), under peft wrappers too."""
+    layers = decoder_layers(model)
+    for module in model.modules():
+        if getattr(module, "layers", None) is layers:
+            return module
+    raise ValueError(f"no module owns the decoder layers of {type(model).__name__}")
+
+
+def compile_decoder(model: torch.nn.Module, backend: str = "inductor", mode: str | None = None) -> int:
+    """`torch.compile` the whole decoder in place (one graph for the forward, one for the backward: with
+    CUDA graphs two replays per step instead of two per layer); return its layer count. The loss (Liger or
+    chunked) stays outside. Longer to compile than `layers` (every layer is traced)."""
+    decoder = decoder_model(model)
+    decoder.compile(backend=backend, mode=mode)
+    if mode in CUDAGRAPH_MODES:
+        global _cudagraphs_used
+        _cudagraphs_used = True
+    return len(decoder_layers(model))
+
+
 def apply_after_lora(model: torch.nn.Module, fast: FastPath) -> torch.nn.Module:
-    """bf16 frozen weights, then compiled decoder layers."""
+    """bf16 frozen weights, then compiled decoder layers (or the whole decoder)."""
     moved = cast_frozen(model, resolve_dtype(fast.base_dtype))
     log.info("fast path: %d frozen tensors stored as %s", moved, fast.base_dtype)
     if fast.compile == "layers":
         count = compile_layers(model, fast.compile_backend, fast.compile_mode)
         log.info("fast path: compiled %d decoder layers (%s)", count, fast.compile_backend)
+    elif fast.compile == "model":
+        count = compile_decoder(model, fast.compile_backend, fast.compile_mode)
+        log.info("fast path: compiled the whole %d-layer decoder (%s)", count, fast.compile_backend)
     return model

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The GPU queue on ONE lent H200 (docs/results.md), in back-to-back device calls that stage the real
 # SmolLM2 weights part by part (each call carries what its phase names; see studies/gpu_env.sh):
-#   phase 1  carry .whl .gpu .stage/smollm2/part00  -> fast-path benchmark, SmolLM2 shape (foreground)
+#   phase 1  carry .whl .gpu .stage/smollm2/part00  -> fast-path benchmark, SmolLM2 shape (foreground:
+#            plain, CUDA graphs per layer and for the whole decoder, at B=8 and B=32)
 #   phase 2  carry .stage/smollm2/part01 .gpu2      -> SmolLM2 installed, corpus and MEAP data unpacked;
 #                                                      studies start detached, then wait like phase 3
 #   phase 3  (nothing)                               -> wait up to WAIT_S, then pack results into $OUT
@@ -48,7 +49,7 @@ export TOKENIZER=$S/gpu/tokenizer SFT_FILE=$S/gpu/demo_sft_train.jsonl
 case $phase in
 1)
   nvidia-smi -L
-  SMALL_S=${SMALL_S:-400} SMALL_ROWS=${SMALL_ROWS:-0,4,1,5} LM1B_S=0 PACK_S=0 AVSR_S=0 OUT=$OUT/bench \
+  SMALL_S=${SMALL_S:-400} SMALL_ROWS=${SMALL_ROWS:-0,4,6,5,7} LM1B_S=0 PACK_S=0 AVSR_S=0 OUT=$OUT/bench \
     bash benchmarks/gpu_fastpath.sh
   ;;
 2)

@@ -125,6 +125,27 @@ def test_compiled_layers_match_eager(tiny_lm_factory):
         torch.testing.assert_close(grads_c[name], grads_e[name], rtol=1e-4, atol=1e-6)
 
 
+def test_compiled_decoder_matches_eager_in_one_graph(tiny_lm_factory):
+    """`compile: model`: the whole decoder is one Dynamo graph (no graph break) and computes the same loss
+    and LoRA gradients as eager."""
+    eager, tokenizer = build(tiny_lm_factory, "fast")
+    compiled, _ = build(tiny_lm_factory, "fast", compile="model", compile_backend="aot_eager")
+    from models.fast import decoder_model
+    from models.packing import llm_inputs
+
+    assert decoder_model(compiled)._compiled_call_impl is not None
+    batch = batch_with_ignored_labels(len(tokenizer))
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    loss_e, grads_e = loss_and_lora_grads(eager, llm_inputs(batch))
+    loss_c, grads_c = loss_and_lora_grads(compiled, llm_inputs(batch))
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
+    assert not torch._dynamo.utils.counters["graph_break"]
+    torch.testing.assert_close(loss_c, loss_e, rtol=1e-5, atol=1e-6)
+    for name in grads_e:
+        torch.testing.assert_close(grads_c[name], grads_e[name], rtol=1e-4, atol=1e-6)
+
+
 def test_training_inputs_compile_one_graph_for_all_layers(tiny_lm_factory):
     """The recipe's inputs (models/packing.llm_inputs: use_cache=False) let every decoder layer reuse one
     compiled graph. With a KV cache built in the forward, Dynamo guards on each layer's cache slot and
