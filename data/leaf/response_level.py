@@ -101,19 +101,17 @@ def step_counterfactuals(
     steps: list[str],
     k: int,
     item: PrefixScoringInput,
-    teacher,
-    student,
+    g_teacher: torch.Tensor,
+    g_student: torch.Tensor,
     quantile: float,
     cap: float,
     prompt_field: str = "prompt",
     response_field: str = "response",
 ) -> list[dict]:
-    """One row per confounder span of the (instruction + prefix) context of step k."""
-    from leaf_prepare import embedding_grad_norms
+    """One row per confounder span of the (instruction + prefix) context of step k.
 
-    positions = torch.tensor(item.positions)
-    g_teacher = embedding_grad_norms(teacher, item.input_ids, item.labels)[positions]
-    g_student = embedding_grad_norms(student, item.input_ids, item.labels)[positions]
+    g_teacher, g_student: the gradient norms at the context positions (`leaf_prepare.score_items`).
+    """
     scores = confounder_scores(g_teacher, g_student)
     spans = confounder_spans(scores, quantile, cap, protected=item.whitespace)
     prompt, prefix, target = row[prompt_field], "".join(steps[:k]), steps[k]
@@ -159,27 +157,45 @@ def prepare_response_level(
     response_field: str = "response",
     step_marker: str = DEFAULT_STEP_MARKER,
     progress: bool = True,
+    batch_size: int = 8,
 ) -> tuple[list[dict], Counter]:
-    """Original rows (`"counterfactual": false`), each followed by its per-step counterfactual rows; plus counts."""
+    """Original rows (`"counterfactual": false`), each followed by its per-step counterfactual rows; plus counts.
+
+    batch_size: (row, step) contexts scored per forward/backward, across rows; 1 = one at a time.
+    """
     from leaf_prepare import prepare_each
 
-    def row_counterfactuals(index: int, row: dict, prompt: str, response: str, counts: Counter):
+    def row_items(index: int, row: dict, prompt: str, response: str, counts: Counter):
         steps = split_steps(response, step_marker)
         if len(steps) < 2:
             counts["skipped: fewer than 2 steps"] += 1
             return None
-        extra: list[dict] = []
+        items = []
         for k in range(1, len(steps)):
             item = tokenize_prefix_for_scoring(tokenizer, prompt, steps, k, row.get("system"), max_length)
             if item is None:
                 counts["steps skipped: nothing to score"] += 1
                 continue
             counts["steps scored"] += 1
-            extra += step_counterfactuals(
-                row, index, steps, k, item, teacher, student, quantile, cap, prompt_field, response_field
-            )
-        return extra
+            items.append(((steps, k), item))
+        return items
+
+    def item_counterfactuals(index: int, row: dict, key, item: PrefixScoringInput, g_teacher, g_student):
+        steps, k = key
+        return step_counterfactuals(
+            row, index, steps, k, item, g_teacher, g_student, quantile, cap, prompt_field, response_field
+        )
 
     return prepare_each(
-        rows, row_counterfactuals, prompt_field, response_field, "leaf (response level)", progress
+        rows,
+        row_items,
+        item_counterfactuals,
+        teacher,
+        student,
+        prompt_field=prompt_field,
+        response_field=response_field,
+        batch_size=batch_size,
+        desc="leaf (response level)",
+        unit="step",
+        progress=progress,
     )
