@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import leaf_prepare
+from losses.leaf import confounder_scores, confounder_spans
 from models.attention_capture import QueryKeyCapture
 from models.layer_subset import keep_decoder_layers, parse_layer_selection
 
@@ -110,3 +111,99 @@ def test_layer_subset_renumbers_layers_and_keeps_capture_working(tiny_lm_factory
     with torch.no_grad(), QueryKeyCapture(model) as captured:
         out = model(input_ids=ids, output_hidden_states=True)
     assert sorted(captured) == [0, 1] and len(out.hidden_states) == 3
+
+
+# Batched scoring (leaf_prepare.score_items): prompts and responses of different lengths, so every batch is
+# padded and rows hold different numbers of target tokens (a batch-mean loss would scale row b by n_b / N).
+MIXED_ROWS = [
+    {"prompt": "Name two colours.", "response": "Red and blue."},
+    {
+        "prompt": "Tom has 3 apples and buys 4 more. His sister owns 2 dogs.\nHow many apples now?",
+        "response": "Tom starts with 3.\n3 + 4 = 7.\nThe answer is 7.",
+    },
+    {"question": "no prompt field"},
+    {"prompt": "Hi.", "response": "Hello there.\nHow can I help you today? I can answer questions.", "id": 3},
+    {"prompt": "Describe a river in one\nshort sentence.", "response": "A river is water that moves."},
+    {"prompt": "Count: one, two, three, four, five, six.", "response": "Six words.\nSix numbers."},
+]
+RTOL = 1e-5  # fp32; the measured differences are about 2e-7 relative (summation order)
+
+
+def assert_same_grads(got: torch.Tensor, want: torch.Tensor) -> None:
+    """Equal within RTOL relative (plus 1e-7 of the row's largest norm, for the exact zeros)."""
+    assert got.shape == want.shape
+    torch.testing.assert_close(got, want, rtol=RTOL, atol=1e-7 * float(want.abs().max()))
+
+
+def _teacher_student(tiny_lm_factory):
+    teacher, tokenizer = tiny_lm_factory()
+    student = keep_decoder_layers(tiny_lm_factory(seed=3)[0], [0])
+    return teacher.requires_grad_(False), student.requires_grad_(False), tokenizer
+
+
+def test_batched_gradients_are_each_rows_own_one_row_gradients(tiny_lm_factory):
+    teacher, student, tokenizer = _teacher_student(tiny_lm_factory)
+    rows = [r for r in MIXED_ROWS if "prompt" in r]
+    items = [leaf_prepare.tokenize_for_scoring(tokenizer, r["prompt"], r["response"]) for r in rows]
+    items = [items[i] for i in (1, 0, 3, 4, 2)]  # not sorted by length: padded rows inside the batch
+    lengths = [int(item.input_ids.numel()) for item in items]
+    targets = [int((item.labels != -100).sum()) for item in items]
+    assert len(set(lengths)) == len(items) and len(set(targets)) > 1
+    for model in (teacher, student):
+        one = [leaf_prepare.embedding_grad_norms(model, item.input_ids, item.labels) for item in items]
+        batched = leaf_prepare.batch_embedding_grad_norms(
+            model, [(item.input_ids, item.labels) for item in items]
+        )
+        for got, want, n in zip(batched, one, targets):
+            assert_same_grads(got, want)  # the shape too: padding is cut off
+            # the gradient a batch-mean loss gives this row is far outside the tolerance
+            assert not torch.allclose(want * n / sum(targets), want, rtol=RTOL, atol=0)
+    assert not any(p.grad is not None for p in teacher.parameters())
+
+
+def test_batched_scores_mark_the_same_tokens_as_one_row_scoring(tiny_lm_factory):
+    teacher, student, tokenizer = _teacher_student(tiny_lm_factory)
+    rows = [r for r in MIXED_ROWS if "prompt" in r]
+    items = [leaf_prepare.tokenize_for_scoring(tokenizer, r["prompt"], r["response"]) for r in rows]
+    one = leaf_prepare.score_items(items, teacher, student, batch_size=1, progress=False)
+    batched = leaf_prepare.score_items(items, teacher, student, batch_size=3, progress=False)
+    marked = 0
+    for item, (t1, s1), (tb, sb) in zip(items, one, batched):
+        assert t1.shape == tb.shape == (len(item.instruction_positions),)  # input order restored
+        assert_same_grads(tb, t1)
+        assert_same_grads(sb, s1)
+        scores_one, scores_batched = confounder_scores(t1, s1), confounder_scores(tb, sb)
+        torch.testing.assert_close(scores_batched, scores_one, atol=1e-5, rtol=0)
+        spans = confounder_spans(scores_one, 0.3, 0.5, protected=item.whitespace)
+        assert confounder_spans(scores_batched, 0.3, 0.5, protected=item.whitespace) == spans
+        marked += bool(spans)
+    assert marked >= 3
+
+
+@pytest.mark.parametrize("level", ["instruction", "response"])
+def test_batched_prepare_writes_exactly_the_one_row_output(tiny_lm_factory, level):
+    teacher, student, tokenizer = _teacher_student(tiny_lm_factory)
+    prepare = leaf_prepare.prepare_rows(level, r"\n+")
+    one, one_counts = prepare(MIXED_ROWS, teacher, student, tokenizer, 0.3, progress=False, batch_size=1)
+    assert sum(r["counterfactual"] for r in one) >= 3
+    for batch_size in (2, 64):
+        out, counts = prepare(
+            MIXED_ROWS, teacher, student, tokenizer, 0.3, progress=False, batch_size=batch_size
+        )
+        assert json.dumps(out) == json.dumps(one)  # same rows, same order, same keys
+        assert list(counts.items()) == list(one_counts.items())
+
+
+def test_command_line_batch_size_does_not_change_the_file(tmp_path):
+    data = tmp_path / "rows.jsonl"
+    data.write_text("".join(json.dumps(row) + "\n" for row in MIXED_ROWS))
+    argv = ["--data", str(data), "--teacher", "tiny", "--student", "tiny", "--student-layers", "0"]
+    for batch_size in ("1", "4"):
+        leaf_prepare.main(
+            [*argv, "--out", str(tmp_path / f"b{batch_size}.jsonl"), "--batch-size", batch_size]
+        )
+    leaf_prepare.main([*argv, "--out", str(tmp_path / "default.jsonl"), "--quantile", "0.1"])
+    assert (tmp_path / "b1.jsonl").read_bytes() == (tmp_path / "b4.jsonl").read_bytes()
+    assert (tmp_path / "b1.jsonl").read_bytes() == (tmp_path / "default.jsonl").read_bytes()
+    with pytest.raises(ValueError, match="batch_size"):
+        leaf_prepare.main([*argv, "--out", str(tmp_path / "x.jsonl"), "--batch-size", "0"])
