@@ -24,6 +24,7 @@ Stage 2 trains on the output: `python train.py experiment=lm_leaf data.train_fil
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import sys
 from collections import Counter
@@ -123,6 +124,11 @@ def embedding_grad_norms(
     return grad[0].float().norm(dim=-1).cpu()
 
 
+def _keeps_logits(model: torch.nn.Module) -> bool:
+    """Whether `model.forward` takes `logits_to_keep` (transformers causal LMs: logits of the last k positions)."""
+    return "logits_to_keep" in inspect.signature(model.forward).parameters
+
+
 def batch_embedding_grad_norms(
     model: torch.nn.Module, items: Sequence[tuple[torch.Tensor, torch.Tensor]]
 ) -> list[torch.Tensor]:
@@ -143,11 +149,16 @@ def batch_embedding_grad_norms(
     for b, ((ids, row_labels), length) in enumerate(zip(items, lengths)):
         input_ids[b, :length], labels[b, :length], attention_mask[b, :length] = ids, row_labels, 1
     input_ids, labels, attention_mask = input_ids.to(device), labels.to(device), attention_mask.to(device)
-    embeds = model.get_input_embeddings()(input_ids).detach().requires_grad_(True)
-    logits = model(inputs_embeds=embeds, attention_mask=attention_mask, use_cache=False).logits
     targets = labels[:, 1:]  # the logits at t predict the token at t+1
     counted = targets != IGNORE_INDEX  # [B,T-1]; never a padding position
-    token_ce = F.cross_entropy(logits[:, :-1][counted].float(), targets[counted], reduction="none")  # [N]
+    # Logits (vocabulary-sized, most of a small model's cost) only from the first position that predicts
+    # a target: the prompt's logits are never used.
+    first = int(counted.any(dim=0).nonzero()[0]) if _keeps_logits(model) else 0
+    keep = {"logits_to_keep": max(lengths) - first} if first else {}
+    embeds = model.get_input_embeddings()(input_ids).detach().requires_grad_(True)
+    logits = model(inputs_embeds=embeds, attention_mask=attention_mask, use_cache=False, **keep).logits
+    counted = counted[:, first:]
+    token_ce = F.cross_entropy(logits[:, :-1][counted].float(), targets[:, first:][counted], reduction="none")
     per_token_weight = (1.0 / counted.sum(dim=1).clamp_min(1))[:, None].expand_as(counted)[counted]
     (grad,) = torch.autograd.grad((token_ce * per_token_weight).sum(), embeds)
     norms = grad.float().norm(dim=-1).cpu()
