@@ -18,6 +18,9 @@ For every {prompt, response} row (docs/objectives.md, LeaF):
    (`"counterfactual": true`, `"source_index"`, `"pruned_text"`).
 Response level (`--level response --step-marker '\n+'`): the same per reasoning step, on the instruction plus
 the response prefix, predicting the next step (data/leaf/response_level.py).
+Rows are scored `--batch-size` at a time (default 32 on a GPU, 8 on the CPU; 1 = one row per forward and
+backward, as before): one right-padded forward and backward of the sum of the rows' own mean CEs gives
+every row its one-row gradient, so the output is the same (up to float rounding of the gradients).
 Stage 2 trains on the output: `python train.py experiment=lm_leaf data.train_file=<out>`.
 """
 
