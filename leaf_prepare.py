@@ -27,11 +27,11 @@ Stage 2 trains on the output: `python train.py experiment=lm_leaf data.train_fil
 from __future__ import annotations
 
 import argparse
-import inspect
 import json
 import sys
 from collections import Counter
 from collections.abc import Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -127,9 +127,35 @@ def embedding_grad_norms(
     return grad[0].float().norm(dim=-1).cpu()
 
 
-def _keeps_logits(model: torch.nn.Module) -> bool:
-    """Whether `model.forward` takes `logits_to_keep` (transformers causal LMs: logits of the last k positions)."""
-    return "logits_to_keep" in inspect.signature(model.forward).parameters
+@contextmanager
+def logits_only_at(model: torch.nn.Module, select: torch.Tensor):
+    """Within the block the model's output projection sees only the hidden states at `select` ([B,T]
+    bool): the forward's logits are [N,V] (N = select.sum(), row by row) instead of [B,T,V].
+
+    The vocabulary-sized logits (their projection, fp32 copy, softmax and backward) are most of a small
+    model's cost and memory, and only the positions that predict a target need them. Whatever the model
+    does after the projection (e.g. logit soft-capping) still applies. Yields False, selecting nothing,
+    when the model has no output-embedding module (then slice the full logits).
+    """
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if not isinstance(head, torch.nn.Module):
+        yield False
+        return
+
+    def keep_selected(module, args):
+        hidden = args[0]
+        if hidden.shape[:2] != select.shape:
+            raise RuntimeError(
+                f"output projection called on hidden states {tuple(hidden.shape)}, expected "
+                f"[{select.shape[0]}, {select.shape[1]}, D]"
+            )
+        return (hidden[select], *args[1:])
+
+    handle = head.register_forward_pre_hook(keep_selected)
+    try:
+        yield True
+    finally:
+        handle.remove()
 
 
 def batch_embedding_grad_norms(
@@ -142,7 +168,7 @@ def batch_embedding_grad_norms(
     padding comes after it). The loss is sum_b L_b, L_b the mean CE over row b's own labelled tokens: rows
     do not interact (eval mode, no batch statistics), so dL/de_b = dL_b/de_b and each row gets exactly its
     one-row gradient. (A batch mean, sum of all CE / all labelled tokens, would scale row b by n_b / N.)
-    Padding positions are cut off the result.
+    Logits only at the labelled positions (`logits_only_at`). Padding positions are cut off the result.
     """
     device = next(model.parameters()).device
     lengths = [int(ids.numel()) for ids, _ in items]
@@ -154,14 +180,11 @@ def batch_embedding_grad_norms(
     input_ids, labels, attention_mask = input_ids.to(device), labels.to(device), attention_mask.to(device)
     targets = labels[:, 1:]  # the logits at t predict the token at t+1
     counted = targets != IGNORE_INDEX  # [B,T-1]; never a padding position
-    # Logits (vocabulary-sized, most of a small model's cost) only from the first position that predicts
-    # a target: the prompt's logits are never used.
-    first = int(counted.any(dim=0).nonzero()[0]) if _keeps_logits(model) else 0
-    keep = {"logits_to_keep": max(lengths) - first} if first else {}
     embeds = model.get_input_embeddings()(input_ids).detach().requires_grad_(True)
-    logits = model(inputs_embeds=embeds, attention_mask=attention_mask, use_cache=False, **keep).logits
-    counted = counted[:, first:]
-    token_ce = F.cross_entropy(logits[:, :-1][counted].float(), targets[:, first:][counted], reduction="none")
+    with logits_only_at(model, F.pad(counted, (0, 1), value=False)) as selected:
+        logits = model(inputs_embeds=embeds, attention_mask=attention_mask, use_cache=False).logits
+    logits = logits if selected else logits[:, :-1][counted]  # [N,V], N = labelled tokens, row by row
+    token_ce = F.cross_entropy(logits.float(), targets[counted], reduction="none")  # [N]
     per_token_weight = (1.0 / counted.sum(dim=1).clamp_min(1))[:, None].expand_as(counted)[counted]
     (grad,) = torch.autograd.grad((token_ce * per_token_weight).sum(), embeds)
     norms = grad.float().norm(dim=-1).cpu()

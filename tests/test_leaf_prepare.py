@@ -161,6 +161,19 @@ def test_batched_gradients_are_each_rows_own_one_row_gradients(tiny_lm_factory):
     assert not any(p.grad is not None for p in teacher.parameters())
 
 
+def test_logits_only_at_labelled_positions_leaves_the_model_as_it_was(tiny_lm_factory, monkeypatch):
+    model, tokenizer = tiny_lm_factory()
+    model.requires_grad_(False)
+    items = [leaf_prepare.tokenize_for_scoring(tokenizer, r["prompt"], r["response"]) for r in MIXED_ROWS[:2]]
+    pairs = [(item.input_ids, item.labels) for item in items]
+    selected = leaf_prepare.batch_embedding_grad_norms(model, pairs)
+    ids = items[0].input_ids[None]
+    assert model(input_ids=ids).logits.shape == (1, ids.shape[1], len(tokenizer))  # the hook is gone
+    monkeypatch.setattr(model, "get_output_embeddings", lambda: None)  # no head to hook: full logits
+    for got, want in zip(selected, leaf_prepare.batch_embedding_grad_norms(model, pairs)):
+        assert_same_grads(got, want)
+
+
 def test_batched_scores_mark_the_same_tokens_as_one_row_scoring(tiny_lm_factory):
     teacher, student, tokenizer = _teacher_student(tiny_lm_factory)
     rows = [r for r in MIXED_ROWS if "prompt" in r]
