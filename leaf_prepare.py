@@ -414,7 +414,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--batch-size",
         type=int,
         default=None,
-        help=f"rows (or steps) per scoring forward/backward; 1 = one at a time (default {DEFAULT_BATCH_SIZE})",
+        help="rows (or steps) per scoring forward/backward; 1 = one at a time (default 32 on a GPU, 8 on the CPU)",
     )
     parser.add_argument(
         "--level", default="instruction", choices=["instruction", "response"], help="response: per step"
