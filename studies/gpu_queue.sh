@@ -8,6 +8,9 @@
 #   phase 3  (nothing)                               -> wait up to WAIT_S, then pack results into $OUT
 # .gpu: tokenizer/ + demo_sft_train.jsonl (benchmarks); .gpu2: pd_text.tgz (artifacts/data/pd_text) and
 # meap_data.tgz (`studies/meap_passkey.py --prepare-only`'s data/ folder: its haystacks need Debian text).
+# Build them here (they are git-ignored):
+#   mkdir -p .gpu2 && tar czf .gpu2/pd_text.tgz -C artifacts/data pd_text      # after one data=pd_text run
+#   python studies/meap_passkey.py --out /tmp/meap --prepare-only && tar czf .gpu2/meap_data.tgz -C /tmp/meap data
 # STUDIES picks what phase 2 starts (default "4 3", the queue's next items): 1 decorr_text, 5 adl_robustness
 # (sharing study 1's baseline arm), 5b adl_robustness at lower weights with its own baseline, 4 leaf_vs_kd,
 # 3 meap_passkey. Every call ends by packing what exists, so a machine
