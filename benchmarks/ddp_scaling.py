@@ -50,6 +50,7 @@ def summarise(ranks: list[dict], batch: int, length: int) -> dict:
     """One row from the ranks' StepTimer JSONs (rank 0 first; each with world_size)."""
     first, mems = ranks[0], [r.get("peak_mem_gib") for r in ranks]
     return {
+        "device": first.get("device"),
         "world_size": first["world_size"],
         "batch_per_rank": batch,
         "seq_len": length,
@@ -104,7 +105,10 @@ def worker(args) -> None:
     result = fit_recipe(
         recipe, loader, args.steps, args.warmup, device, out, devices=args.world, strategy="ddp"
     )
-    result.update(world_size=torch.distributed.get_world_size(), rank=torch.distributed.get_rank())
+    name = "cpu" if args.tiny else torch.cuda.get_device_name()
+    result.update(
+        world_size=torch.distributed.get_world_size(), rank=torch.distributed.get_rank(), device=name
+    )
     out.write_text(json.dumps(result, indent=2))
 
 
@@ -187,8 +191,7 @@ def scaling(args) -> list[dict]:
 
 
 def write(args, rows: list[dict]) -> None:
-    env = {
-        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+    env = {  # no CUDA context in the driver (the rows name their device): GPU 0's memory stays the ranks'
         "gpus": torch.cuda.device_count(),
         "torch": torch.__version__,
         "command": " ".join(sys.argv),
