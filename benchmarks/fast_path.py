@@ -205,13 +205,15 @@ class Repeat(torch.utils.data.IterableDataset):
             yield {k: v.clone() for k, v in self.batch.items()}
 
 
-def fit_recipe(recipe, loader, steps: int, warmup: int, device: str, out: Path) -> dict:
+def fit_recipe(recipe, loader, steps: int, warmup: int, device: str, out: Path, **trainer_args) -> dict:
+    """Fit on one device (`trainer_args` override the Trainer's, e.g. devices=2, strategy="ddp"); the
+    StepTimer JSON of this process."""
     import lightning as L
 
     timer = StepTimer(str(out), warmup=warmup)
+    trainer_args = {"devices": 1, **trainer_args}
     trainer = L.Trainer(
         accelerator="gpu" if device == "cuda" else "cpu",
-        devices=1,
         precision="bf16-mixed" if device == "cuda" else "32-true",
         max_steps=warmup + steps + 1,
         max_epochs=1000,
@@ -224,43 +226,53 @@ def fit_recipe(recipe, loader, steps: int, warmup: int, device: str, out: Path) 
         num_sanity_val_steps=0,
         limit_val_batches=0,
         log_every_n_steps=50,
+        **trainer_args,
     )
     trainer.fit(recipe, train_dataloaders=loader)
     return json.loads(out.read_text())
 
 
-def recipe_row(label, kernels, objective, batch, length, args, fast_overrides=None, data=None) -> dict:
-    from models.layer_subset import build_layer_subset  # noqa: F401  (LeaF student)
+def lm_recipe(kernels: str, objective: str, args, fast_overrides=None):
+    """CausalLMRecipe on a random Llama-3.2-1B shape (TINY on CPU with --tiny), LoRA r16 on all linear
+    layers, AdamW; `objective` as in build_objectives ("none": CE only)."""
+    from models.layer_subset import build_layer_subset
     from recipes.causal_lm import CausalLMRecipe
 
     device = "cpu" if args.tiny else "cuda"
     shape = TINY if args.tiny else LLAMA_1B
+    backbone = partial(random_llama, shape, args.tokenizer, device, "fp32" if args.tiny else "bf16")
+    student = backbone
+    if objective == "leaf":  # LeaF student: every other layer
+        student = partial(build_layer_subset, backbone=backbone, layers="::2")
+    fast = {
+        "require_cuda": not args.tiny,
+        **({"compile": "none"} if args.tiny else {}),
+        **(fast_overrides or {}),
+    }
+    return CausalLMRecipe(
+        backbone=student,
+        optimizer=partial(torch.optim.AdamW, lr=1e-4),
+        lora={"r": 16, "alpha": 32, "dropout": 0.05, "target_modules": "all-linear"},
+        objectives=build_objectives(objective, backbone),
+        ce_weight=0.0 if objective == "leaf" else 1.0,
+        kernels=kernels,
+        fast=fast,
+    )
+
+
+def recipe_vocab(recipe) -> int:
+    """Token ids for the fixed batches: below the embedding rows and SmolLM2's 49152."""
+    return min(recipe.llm.get_input_embeddings().weight.shape[0], 49152)
+
+
+def recipe_row(label, kernels, objective, batch, length, args, fast_overrides=None, data=None) -> dict:
+    device = "cpu" if args.tiny else "cuda"
     row = {"row": label, "kernels": kernels, "objective": objective, "batch": batch, "seq_len": length}
     recipe = None
     try:
-        backbone = partial(random_llama, shape, args.tokenizer, device, "fp32" if args.tiny else "bf16")
-        student = backbone
-        if objective == "leaf":
-            from models.layer_subset import build_layer_subset
-
-            student = partial(build_layer_subset, backbone=backbone, layers="::2")
-        fast = {
-            "require_cuda": not args.tiny,
-            **({"compile": "none"} if args.tiny else {}),
-            **(fast_overrides or {}),
-        }
-        recipe = CausalLMRecipe(
-            backbone=student,
-            optimizer=partial(torch.optim.AdamW, lr=1e-4),
-            lora={"r": 16, "alpha": 32, "dropout": 0.05, "target_modules": "all-linear"},
-            objectives=build_objectives(objective, backbone),
-            ce_weight=0.0 if objective == "leaf" else 1.0,
-            kernels=kernels,
-            fast=fast,
-        )
+        recipe = lm_recipe(kernels, objective, args, fast_overrides)
         if data is None:
-            vocab = recipe.llm.get_input_embeddings().weight.shape[0]
-            loader = Repeat(fixed_batches(batch, length, min(vocab, 49152)), args.warmup + args.steps + 2)
+            loader = Repeat(fixed_batches(batch, length, recipe_vocab(recipe)), args.warmup + args.steps + 2)
         else:
             loader = data
         record_fit(row, recipe, loader, args, device, "tokens_per_s")
