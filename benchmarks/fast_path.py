@@ -350,11 +350,15 @@ def packing(args) -> list[dict]:
         from models.causal_lm import build_tiny_llama
 
         _, tokenizer = build_tiny_llama(special_tokens={"eos_token": "<|im_end|>"})
-    datasets = {"long-tailed": long_tailed_examples(per_step * (args.warmup + args.steps + 2), cap, 49152)}
-    if args.sft_file:
-        datasets["sft demo"] = SFTDataset(args.sft_file, tokenizer, max_length=cap).examples
+    plan = [
+        ("long-tailed", per_step, long_tailed_examples(per_step * (args.warmup + args.steps + 2), cap, 49152))
+    ]
+    if args.sft_file:  # short rows: also at more examples per step, where a 1B step stops being launch-bound
+        sft = SFTDataset(args.sft_file, tokenizer, max_length=cap).examples
+        sft_batches = [per_step] if args.tiny else [int(b) for b in str(args.sft_pack_batch).split(",")]
+        plan += [("sft demo", batch, sft) for batch in sft_batches]
     rows = []
-    for name, examples in datasets.items():
+    for name, per_step, examples in plan:
         lengths = [len(e["input_ids"]) for e in examples]
         for mode in ("padded", "packed"):
             collate = (
@@ -364,8 +368,14 @@ def packing(args) -> list[dict]:
             )
             reps = math.ceil(per_step * (args.warmup + args.steps + 2) / len(examples))
             loader = DataLoader((examples * reps), batch_size=per_step, shuffle=False, collate_fn=collate)
-            row = recipe_row(f"{name} {mode}", "fast", "none", per_step, cap, args, data=loader)
-            row.update(data=name, mode=mode, mean_len=sum(lengths) / len(lengths), max_len=max(lengths))
+            row = recipe_row(f"{name} {per_step}/step {mode}", "fast", "none", per_step, cap, args, data=loader)
+            row.update(
+                data=name,
+                mode=mode,
+                examples_per_step=per_step,
+                mean_len=sum(lengths) / len(lengths),
+                max_len=max(lengths),
+            )
             rows.append(row)
     return rows
 
@@ -490,6 +500,9 @@ def main(argv=None):
     parser.add_argument("--sft-file", default=None)
     parser.add_argument("--pack-len", type=int, default=2048)
     parser.add_argument("--pack-batch", type=int, default=32)
+    parser.add_argument(
+        "--sft-pack-batch", default="32,256", help="examples per step of the SFT demo rows, comma-separated"
+    )
     parser.add_argument("--avsr-batch", type=int, default=8, help="clips per AVSR step")
     parser.add_argument(
         "--rows",
