@@ -33,6 +33,12 @@ def add_common_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--precision", default="bf16-mixed")
     parser.add_argument("--smoke", action="store_true", help="tiny random model on CPU, a few steps")
     parser.add_argument("--report-only", action="store_true", help="only (re)write the report")
+    parser.add_argument(
+        "--override",
+        action="append",
+        default=[],
+        help="extra Hydra override for every arm (repeatable), e.g. model.kernels=fast",
+    )
 
 
 def finish_common_options(args: argparse.Namespace, study: str) -> argparse.Namespace:
@@ -87,7 +93,7 @@ def common_overrides(args: argparse.Namespace) -> list[str]:
         ]
     else:
         overrides += [f"trainer={args.trainer}", f"trainer.precision={args.precision}"]
-    return overrides
+    return overrides + list(args.override)
 
 
 def prepare_corpus(args: argparse.Namespace) -> Path:

@@ -112,3 +112,11 @@ def test_adl_study_links_a_finished_baseline_and_refuses_a_foreign_one(tmp_path)
     (tmp_path / "adl2" / "baseline").mkdir(parents=True)
     with pytest.raises(FileExistsError, match="not a link"):
         adl_robustness.link_baseline(tmp_path / "adl2", other)
+
+
+def test_extra_overrides_reach_every_arm():
+    args = decorr_text.parse_args(["--smoke", "--override", "model.kernels=fast", "--override", "seed=7"])
+    for arm in decorr_text.build_arms(args):
+        overrides = arm.overrides
+        assert "model.kernels=fast" in overrides
+        assert overrides.index("seed=7") > overrides.index("seed=42")  # later: Hydra keeps the last value
