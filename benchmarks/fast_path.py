@@ -368,7 +368,9 @@ def packing(args) -> list[dict]:
             )
             reps = math.ceil(per_step * (args.warmup + args.steps + 2) / len(examples))
             loader = DataLoader((examples * reps), batch_size=per_step, shuffle=False, collate_fn=collate)
-            row = recipe_row(f"{name} {per_step}/step {mode}", "fast", "none", per_step, cap, args, data=loader)
+            row = recipe_row(
+                f"{name} {per_step}/step {mode}", "fast", "none", per_step, cap, args, data=loader
+            )
             row.update(
                 data=name,
                 mode=mode,
