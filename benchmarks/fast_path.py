@@ -265,28 +265,37 @@ def recipe_vocab(recipe) -> int:
     return min(recipe.llm.get_input_embeddings().weight.shape[0], 49152)
 
 
+def guarded_row(row: dict, device: str, measure) -> dict:
+    """Run `measure()` (builds a recipe and records its figures into `row`); an OOM or any other error
+    becomes the row's `error` (one failed row must not lose the table). The recipe, local to `measure`,
+    is freed before the next row. Prints the row as one JSON line."""
+    try:
+        measure()
+    except torch.OutOfMemoryError:
+        row["error"] = "OOM"
+    except Exception as err:  # noqa: BLE001
+        row["error"] = f"{type(err).__name__}: {err}"[:1500]
+    finally:
+        gc.collect()
+        if device == "cuda":
+            torch.cuda.empty_cache()
+    print(json.dumps(row), flush=True)
+    return row
+
+
 def recipe_row(label, kernels, objective, batch, length, args, fast_overrides=None, data=None) -> dict:
     device = "cpu" if args.tiny else "cuda"
     row = {"row": label, "kernels": kernels, "objective": objective, "batch": batch, "seq_len": length}
-    recipe = None
-    try:
+
+    def measure():
         recipe = lm_recipe(kernels, objective, args, fast_overrides)
         if data is None:
             loader = Repeat(fixed_batches(batch, length, recipe_vocab(recipe)), args.warmup + args.steps + 2)
         else:
             loader = data
         record_fit(row, recipe, loader, args, device, "tokens_per_s")
-    except torch.OutOfMemoryError:
-        row["error"] = "OOM"
-    except Exception as err:  # noqa: BLE001  (one failed row must not lose the table)
-        row["error"] = f"{type(err).__name__}: {err}"[:1500]
-    finally:
-        del recipe
-        gc.collect()
-        if device == "cuda":
-            torch.cuda.empty_cache()
-    print(json.dumps(row), flush=True)
-    return row
+
+    return guarded_row(row, device, measure)
 
 
 def bare_baseline(args, batch, length) -> dict:
@@ -445,8 +454,8 @@ def avsr_row(shape_name: str, seconds: float, true_length: bool, kernels: str, a
     (width, layers, heads), llm_shape = AVSR_SHAPES[shape_name]
     batch = 2 if args.tiny else args.avsr_batch
     row = {"row": f"avsr {shape_name}", "seconds": seconds, "true_length": true_length, "kernels": kernels}
-    recipe = None
-    try:
+
+    def measure():
         fast = {"require_cuda": not args.tiny, **({"compile": "none"} if args.tiny else {})}
         recipe = AVSRRecipe(
             backbone=partial(
@@ -466,17 +475,8 @@ def avsr_row(shape_name: str, seconds: float, true_length: bool, kernels: str, a
         data = avsr_batches(batch, seconds, args.warmup + args.steps + 2)
         loader = torch.utils.data.DataLoader(data, batch_size=None)
         record_fit(row, recipe, loader, args, device, "clips_per_s")
-    except torch.OutOfMemoryError:
-        row["error"] = "OOM"
-    except Exception as err:  # noqa: BLE001
-        row["error"] = f"{type(err).__name__}: {err}"[:1500]
-    finally:
-        del recipe
-        gc.collect()
-        if device == "cuda":
-            torch.cuda.empty_cache()
-    print(json.dumps(row), flush=True)
-    return row
+
+    return guarded_row(row, device, measure)
 
 
 def avsr(args) -> list[dict]:

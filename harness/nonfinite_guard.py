@@ -14,6 +14,7 @@ non-finite loss counts.
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Mapping
 
@@ -83,10 +84,7 @@ def gradients_finite(optimizer) -> torch.Tensor | None:
     flags = [
         torch.isfinite(torch.stack(torch._foreach_norm(group)).float()).all() for group in groups.values()
     ]
-    result = flags[0]
-    for flag in flags[1:]:
-        result = result & flag.to(result.device)
-    return result
+    return functools.reduce(_and, flags)
 
 
 class NonFiniteGuard(Callback):
@@ -104,8 +102,7 @@ class NonFiniteGuard(Callback):
         self, trainer: L.Trainer, pl_module: L.LightningModule, loss: torch.Tensor
     ) -> None:
         # A device flag, read once per optimizer step (no host sync per micro-batch).
-        finite = torch.isfinite(loss.detach()).all()
-        self._loss_ok = finite if self._loss_ok is None else self._loss_ok & finite
+        self._loss_ok = _and(self._loss_ok, torch.isfinite(loss.detach()).all())
 
     def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer) -> None:
         ok = self._loss_ok

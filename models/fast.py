@@ -10,8 +10,8 @@ teacher or a reference model built in the same process keeps the plain code):
 - the training loss without [B,T,V] logits (`fused_cross_entropy`): `chunked` (models/fast_loss.py, pure
   torch, any device), `liger` (liger-kernel's fused linear cross-entropy, CUDA: the gradient is computed
   in the forward pass, no recomputation) or `auto` (liger where it imports, CUDA is present, the model is
-  at least 1024 wide and no embedding row trains through peft's trainable tokens, else chunked). Skipped when an objective reads
-  the logits (LeaF): that objective gets full logits and pays for them.
+  at least 1024 wide and no embedding row trains through peft's trainable tokens, else chunked). Skipped
+  when an objective reads the logits (LeaF): that objective gets full logits and pays for them.
 - `compile: layers`: `torch.compile` on each decoder layer (regional compilation: one compiled graph reused
   by every layer, RMSNorm / RoPE / SwiGLU / LoRA fused by Inductor); `none` keeps eager.
   `compile_mode: reduce-overhead` adds CUDA graphs (one replay per layer instead of its kernel launches:
@@ -176,15 +176,20 @@ def compile_layers(model: torch.nn.Module, backend: str = "inductor", mode: str 
         torch._dynamo.config.accumulated_recompile_limit, 4 * limit
     )
     for layer in layers:
-        layer.compile(backend=backend, mode=mode)
-    if mode in CUDAGRAPH_MODES:
-        global _cudagraphs_used
-        _cudagraphs_used = True
+        compile_module(layer, backend, mode)
     return len(layers)
 
 
 CUDAGRAPH_MODES = ("reduce-overhead", "max-autotune")
 _cudagraphs_used = False
+
+
+def compile_module(module: torch.nn.Module, backend: str, mode: str | None) -> None:
+    """`module.compile(...)` in place, noting whether CUDA graphs are now in use (mark_training_step)."""
+    module.compile(backend=backend, mode=mode)
+    if mode in CUDAGRAPH_MODES:
+        global _cudagraphs_used
+        _cudagraphs_used = True
 
 
 def mark_training_step() -> None:
@@ -208,11 +213,7 @@ def compile_decoder(model: torch.nn.Module, backend: str = "inductor", mode: str
     """`torch.compile` the whole decoder in place (one graph for the forward, one for the backward: with
     CUDA graphs two replays per step instead of two per layer); return its layer count. The loss (Liger or
     chunked) stays outside. Longer to compile than `layers` (every layer is traced)."""
-    decoder = decoder_model(model)
-    decoder.compile(backend=backend, mode=mode)
-    if mode in CUDAGRAPH_MODES:
-        global _cudagraphs_used
-        _cudagraphs_used = True
+    compile_module(decoder_model(model), backend, mode)
     return len(decoder_layers(model))
 
 

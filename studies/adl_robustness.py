@@ -32,7 +32,7 @@ import torch  # noqa: E402
 
 from diagnostics.report import band_layers, layer_mean  # noqa: E402
 from models.segments import IGNORE_INDEX  # noqa: E402
-from studies.arms import Arm, run_arms  # noqa: E402
+from studies.arms import Arm, arm_results, run_arms  # noqa: E402
 from studies.report import (  # noqa: E402
     commands_section,
     fmt,
@@ -276,11 +276,11 @@ def link_baseline(out: Path, source: Path) -> None:
 
 
 def wait_for_finished(run_dir: Path, timeout_s: float, poll_s: float = 10.0) -> None:
-    """Block until `run_dir/results.json` exists (train.py writes it last), or raise after `timeout_s`."""
+    """Block until the arm in `run_dir` has finished (studies/arms.arm_results), or raise after `timeout_s`."""
     import time
 
     start = last = time.monotonic()
-    while not (run_dir / "results.json").exists():
+    while arm_results(run_dir.parent, Arm(run_dir.name)) is None:
         now = time.monotonic()
         if now - start > timeout_s:
             raise TimeoutError(f"{run_dir} has no results.json after {timeout_s:.0f} s: did that run fail?")
