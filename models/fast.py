@@ -185,9 +185,14 @@ _cudagraphs_used = False
 
 
 def compile_module(module: torch.nn.Module, backend: str, mode: str | None) -> None:
-    """`module.compile(...)` in place, noting whether CUDA graphs are now in use (mark_training_step)."""
-    module.compile(backend=backend, mode=mode)
-    if mode in CUDAGRAPH_MODES:
+    """`module.compile(...)` in place, noting whether CUDA graphs are now in use (mark_training_step).
+
+    With CUDA graphs the shapes are static (`dynamic=False`): a graph is recorded per shape anyway, and
+    static kernels are faster than the symbolic ones automatic dynamic shapes would switch to after the
+    second length; `data.pad_to_multiple_of` keeps the number of lengths small."""
+    cudagraphs = mode in CUDAGRAPH_MODES
+    module.compile(backend=backend, mode=mode, dynamic=False if cudagraphs else None)
+    if cudagraphs:
         global _cudagraphs_used
         _cudagraphs_used = True
 

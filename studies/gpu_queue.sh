@@ -52,7 +52,7 @@ export TOKENIZER=$S/gpu/tokenizer SFT_FILE=$S/gpu/demo_sft_train.jsonl
 case $phase in
 1)
   nvidia-smi -L
-  SMALL_S=${SMALL_S:-400} SMALL_ROWS=${SMALL_ROWS:-0,4,6,5,7} LM1B_S=0 PACK_S=0 AVSR_S=0 OUT=$OUT/bench \
+  SMALL_S=${SMALL_S:-400} SMALL_ROWS=${SMALL_ROWS:-0,6,3,7,4} LM1B_S=0 PACK_S=0 AVSR_S=0 OUT=$OUT/bench \
     bash benchmarks/gpu_fastpath.sh
   ;;
 2)
