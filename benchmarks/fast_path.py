@@ -63,11 +63,24 @@ TINY = dict(hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, intermedi
 
 
 # ---- small model: real train.py runs ---------------------------------------------------------------
+def _text(output: str | bytes | None) -> str:
+    return output.decode(errors="replace") if isinstance(output, bytes) else output or ""
+
+
 def train_py(overrides: list[str], out: Path, timeout: int) -> dict:
     command = [sys.executable, "train.py", *overrides]
     started = time.perf_counter()
-    proc = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
-    row = {"command": "python train.py " + " ".join(overrides), "wall_s": time.perf_counter() - started}
+    row = {"command": "python train.py " + " ".join(overrides)}
+    try:
+        proc = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired as err:  # one slow row (a long compile) must not lose the others
+        tail = "".join(_text(part) for part in (err.stdout, err.stderr))[-3000:]
+        return {
+            **row,
+            "wall_s": time.perf_counter() - started,
+            "error": f"timed out after {timeout} s\n{tail}",
+        }
+    row["wall_s"] = time.perf_counter() - started
     if proc.returncode != 0 or not out.exists():
         row["error"] = (proc.stdout + proc.stderr)[-3000:]
         return row
@@ -122,7 +135,7 @@ def small(args) -> list[dict]:
         plan = [plan[int(i)] for i in args.rows.split(",")]
     rows = []
     for kind, data, config, extra, steps, warmup, profile in plan:
-        out = work / f"{kind}_{len(rows)}.json"
+        out = work / f"row_{len(rows)}.json"  # no commas: Hydra reads them as lists
         timer = [
             "+callbacks.step_timer._target_=benchmarks.step_timer.StepTimer",
             f"+callbacks.step_timer.out={out}",

@@ -21,12 +21,33 @@ def warmup_cosine(
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
+FUSABLE = (torch.optim.AdamW, torch.optim.Adam)
+
+
+def device_defaults(optimizer_factory, params: list) -> dict:
+    """{"fused": True} for torch Adam/AdamW over CUDA parameters when the config leaves `fused` unset
+    (null) and sets no `foreach`; {} otherwise.
+
+    Why: LoRA has hundreds of small tensors (420 in SmolLM2-135M with r16 on every linear layer). The
+    default foreach AdamW spends host time per tensor (bias corrections from CPU step counters: two
+    `.item()` per tensor per step), which a launch-bound small-model step cannot hide; the fused kernel
+    updates every tensor in one call. Same maths (torch tests fused against foreach).
+    """
+    func = getattr(optimizer_factory, "func", optimizer_factory)
+    keywords = getattr(optimizer_factory, "keywords", {}) or {}
+    if func not in FUSABLE or keywords.get("fused") is not None or keywords.get("foreach") is not None:
+        return {}
+    on_cuda = all(p.device.type == "cuda" and p.is_floating_point() for p in params)
+    return {"fused": True} if params and on_cuda else {}
+
+
 def configure_optimizers(module, optimizer_factory, scheduler_factory=None):
-    """Lightning `configure_optimizers` body: AdamW-like partial over trainable params + step-wise schedule."""
+    """Lightning `configure_optimizers` body: AdamW-like partial over trainable params + step-wise schedule
+    (fused AdamW on CUDA unless the config says otherwise: `device_defaults`)."""
     params = [p for p in module.parameters() if p.requires_grad]
     if not params:
         raise ValueError("no trainable parameters: check `peft` and the freeze/unfreeze regexes")
-    optimizer = optimizer_factory(params)
+    optimizer = optimizer_factory(params, **device_defaults(optimizer_factory, params))
     if scheduler_factory is None:
         return optimizer
     total = module.trainer.estimated_stepping_batches if module._trainer is not None else 1

@@ -255,3 +255,13 @@ def test_benchmark_builds_every_avsr_shape_with_a_tokenizer(shape_name, tiny_lm_
     assert model.config.num_hidden_layers == llm_shape["num_layers"]
     if shape_name == "demo":
         assert model.config.vocab_size == 49152  # SmolLM2's vocabulary
+
+
+def test_benchmark_row_that_times_out_becomes_an_error_row(tmp_path):
+    """A train.py row past its limit (a long compile) is recorded as an error with its output tail, and the
+    benchmark goes on to the next row instead of dying on subprocess.TimeoutExpired."""
+    from benchmarks.fast_path import train_py
+
+    row = train_py(["experiment=lm_sft", "debug=smoke"], tmp_path / "never.json", timeout=1)
+    assert row["error"].startswith("timed out after 1 s")
+    assert row["wall_s"] >= 1 and row["command"].startswith("python train.py experiment=lm_sft")
