@@ -5,7 +5,8 @@
 
 steps/s: the median interval between consecutive `on_train_batch_end` calls after `warmup` steps (the
 whole loop: data loading, forward, backward, optimizer, logging, callbacks), and the mean over the same
-steps. first_loss: the loss of the first step (one host sync). Tokens: non-pad tokens (attention mask)
+steps. The timer adds no host sync to a timed step (token counts stay on the device until the end), so the
+host may run ahead of the GPU as it does in training. first_loss: the loss of the first step (one host sync). Tokens: non-pad tokens (attention mask)
 and all positions of the batches.
 
 GPU busy (CUDA only; null on CPU): `torch.profiler` over `profile_steps` steps after the warm-up, the
@@ -117,6 +118,16 @@ def cpu_hotspots(profiler, steps: int, top: int = TOP_KERNELS) -> dict:
     }
 
 
+def token_counts(batch: dict) -> tuple[torch.Tensor | int, int]:
+    """(real tokens, positions) of a batch without a host sync: the real-token count stays a device
+    tensor (the attention mask's sum) until the run ends. An `int()` here each step made the host wait for
+    the GPU every step, so a timed step cost CPU time + GPU time instead of the larger of the two."""
+    mask = batch.get("attention_mask")
+    positions = batch["input_ids"].numel() if "input_ids" in batch else None
+    real = mask.sum() if mask is not None else positions
+    return real, positions if positions is not None else mask.numel()
+
+
 class StepTimer(L.Callback):
     def __init__(self, out: str, warmup: int = 10, profile_steps: int = 0):
         self.out, self.warmup, self.profile_steps = out, warmup, profile_steps
@@ -155,14 +166,12 @@ class StepTimer(L.Callback):
             self.busy.update(cpu_hotspots(self.profiler, self.profile_steps))
             self.profiler = None
         if step >= self.warmup + self.profile_steps:  # timed steps (the first one only opens the window)
-            mask = batch.get("attention_mask")
-            real = int(mask.sum()) if mask is not None else batch["input_ids"].numel()
-            positions = batch["input_ids"].numel() if "input_ids" in batch else real
-            self.records.append((time.perf_counter(), real, positions))
+            self.records.append((time.perf_counter(), *token_counts(batch)))
 
     def on_train_end(self, trainer, pl_module):
         times = [t for t, _, _ in self.records]
         gaps = [b - a for a, b in zip(times, times[1:])]
+        self.records = [(t, int(r), p) for t, r, p in self.records]  # the only reads of the device counts
         result = {"steps": len(gaps), "busy": self.busy, "first_loss": self.first_loss}
         if gaps:
             span = times[-1] - times[0]

@@ -122,3 +122,13 @@ def test_step_timer_on_cpu_reports_no_busy(tmp_path):
     trainer.fit(TinyModule(), train_dataloaders=torch.utils.data.DataLoader(batches, batch_size=None))
     result = json.loads(out.read_text())
     assert result["busy"] is None and result["steps"] == 4 and result["first_loss"] > 0
+
+
+def test_token_counts_stay_on_the_device_until_the_end():
+    """No host sync per timed step: the real-token count is the mask's sum as a tensor, not an int."""
+    from benchmarks.step_timer import token_counts
+
+    mask = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0]])
+    real, positions = token_counts({"input_ids": torch.zeros(2, 4, dtype=torch.long), "attention_mask": mask})
+    assert isinstance(real, torch.Tensor) and int(real) == 5 and positions == 8
+    assert token_counts({"input_ids": torch.zeros(3, 2, dtype=torch.long)}) == (6, 6)
