@@ -2,7 +2,8 @@
 # The GPU queue on ONE lent H200 (docs/results.md), in back-to-back device calls that stage the real
 # SmolLM2 weights part by part (each call carries what its phase names; see studies/gpu_env.sh):
 #   phase 1  carry .whl .gpu .stage/smollm2/part00  -> fast-path benchmark, SmolLM2 shape (foreground:
-#            plain, CUDA graphs per layer and for the whole decoder, at B=8 and B=32)
+#            plain, whole-decoder and per-layer CUDA graphs at B=8; the B=32 rows 3,7 need a call of their
+#            own: SMALL_ROWS=3,7 SMALL_S=560 SMALL_TIMEOUT=480, the whole-decoder compile takes minutes)
 #   phase 2  carry .stage/smollm2/part01 .gpu2      -> SmolLM2 installed, corpus and MEAP data unpacked;
 #                                                      studies start detached, then wait like phase 3
 #   phase 3  (nothing)                               -> wait up to WAIT_S, then pack results into $OUT
@@ -11,9 +12,10 @@
 # Build them here (they are git-ignored):
 #   mkdir -p .gpu2 && tar czf .gpu2/pd_text.tgz -C artifacts/data pd_text      # after one data=pd_text run
 #   python studies/meap_passkey.py --out /tmp/meap --prepare-only && tar czf .gpu2/meap_data.tgz -C /tmp/meap data
-# STUDIES picks what phase 2 starts (default "4 3", the queue's next items): 1 decorr_text, 5 adl_robustness
+# STUDIES picks what phase 2 starts (default "3 4b", the queue's next items): 1 decorr_text, 5 adl_robustness
 # (sharing study 1's baseline arm), 5b adl_robustness at lower weights with its own baseline, 4 leaf_vs_kd,
-# 3 meap_passkey. Every call ends by packing what exists, so a machine
+# 4b leaf_vs_kd with confounding distractors and stage 1 on the KD student, 3 meap_passkey; CHAIN=1 runs
+# them one after another in one job (memory-heavy studies: 3 and 4 side by side ran out of memory). Every call ends by packing what exists, so a machine
 # taken back mid-run still returns each arm's CSV log and sink measurements of the calls before.
 # Long jobs start with setsid, so they outlive the call that started them while the machine stays held
 # (it goes back 30 s after a call ends: send the next call at once). Lesson of 2026-11-28: a 4-GPU
@@ -26,6 +28,7 @@ mkdir -p $S/logs "$OUT"
 source studies/gpu_env.sh
 start() {  # name, command...: a detached job with its own log and exit-code file
   local name=$1; shift
+  rm -f "$S/logs/$name.rc"  # a finished earlier run of the same job must not end wait_jobs at once
   setsid nohup bash -c "$* ; echo \$? > $S/logs/$name.rc" > "$S/logs/$name.log" 2>&1 < /dev/null &
   echo "[queue] started $name"
 }
@@ -34,7 +37,7 @@ collect() {  # every arm's logs, sinks and reports so far -> $OUT/results.tgz
   nvidia-smi --query-gpu=index,utilization.gpu,memory.used --format=csv,noheader
   (cd $S && tar czf "$OUT/results.tgz" --exclude='*.ckpt' --exclude='adapter' --exclude='*.safetensors' \
     --exclude='data' --exclude='wandb' --exclude='merged' --exclude='student_model' \
-    logs $(ls -d decorr_text adl_robustness adl_robustness_low leaf_vs_kd meap_passkey 2>/dev/null))
+    logs $(ls -d decorr_text adl_robustness adl_robustness_low leaf_vs_kd leaf_vs_kd_b meap_passkey 2>/dev/null))
   ls -la "$OUT"
 }
 wait_jobs() {  # up to $1 seconds, or until every started job has an exit code
@@ -52,22 +55,30 @@ export TOKENIZER=$S/gpu/tokenizer SFT_FILE=$S/gpu/demo_sft_train.jsonl
 case $phase in
 1)
   nvidia-smi -L
-  SMALL_S=${SMALL_S:-400} SMALL_ROWS=${SMALL_ROWS:-0,6,3,7,4} LM1B_S=0 PACK_S=0 AVSR_S=0 OUT=$OUT/bench \
+  SMALL_S=${SMALL_S:-400} SMALL_ROWS=${SMALL_ROWS:-0,6,4} LM1B_S=0 PACK_S=0 AVSR_S=0 OUT=$OUT/bench \
     bash benchmarks/gpu_fastpath.sh
   ;;
 2)
   mkdir -p artifacts/data && tar xzf .gpu2/pd_text.tgz -C artifacts/data && ls artifacts/data/pd_text
   mkdir -p $S/meap_passkey && tar xzf .gpu2/meap_data.tgz -C $S/meap_passkey
-  export UNSINK_ARMS_PER_GPU=8  # every arm of every study at once on the one GPU (launch-bound models)
-  for study in ${STUDIES:-4 3}; do
+  export UNSINK_ARMS_PER_GPU=8  # every arm of a study at once on the one GPU (launch-bound models)
+  export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True  # less fragmentation with several arms per GPU
+  chain=""
+  for study in ${STUDIES:-3 4b}; do
     case $study in
-      1) start study1 "python3 studies/decorr_text.py --weights ${DECORR_WEIGHTS:-10,100} --out $S/decorr_text" ;;
-      5) start study5 "python3 studies/adl_robustness.py --out $S/adl_robustness --baseline-from $S/decorr_text/baseline" ;;
-      5b) start study5b "python3 studies/adl_robustness.py --weights ${ADL_WEIGHTS:-0.1,0.3} --out $S/adl_robustness_low" ;;
-      4) start study4 "python3 studies/leaf_vs_kd.py --out $S/leaf_vs_kd" ;;
-      3) start study3 "python3 studies/meap_passkey.py --out $S/meap_passkey" ;;
+      1) cmd="python3 studies/decorr_text.py --weights ${DECORR_WEIGHTS:-10,100} --out $S/decorr_text" ;;
+      5) cmd="python3 studies/adl_robustness.py --out $S/adl_robustness --baseline-from $S/decorr_text/baseline" ;;
+      5b) cmd="python3 studies/adl_robustness.py --weights ${ADL_WEIGHTS:-0.1,0.3} --out $S/adl_robustness_low" ;;
+      4) cmd="python3 studies/leaf_vs_kd.py --out $S/leaf_vs_kd --micro-batch 32" ;;
+      4b) cmd="python3 studies/leaf_vs_kd.py --out $S/leaf_vs_kd_b --distractors same-item --stage1-student kd --micro-batch 32" ;;
+      3) cmd="python3 studies/meap_passkey.py --out $S/meap_passkey --micro-batch 16" ;;
+      *) echo "[queue] unknown study $study"; continue ;;
     esac
+    # CHAIN=1: one job runs the studies one after another (memory-heavy arms: studies 3 and 4 together
+    # ran out of memory on one H200); otherwise each study is its own job, all at once.
+    if [ "${CHAIN:-0}" = 1 ]; then chain="${chain:+$chain ; }$cmd"; else start "study$study" "$cmd"; fi
   done
+  [ -n "$chain" ] && start chain "$chain"
   wait_jobs "${WAIT_S:-480}"
   collect
   ;;
