@@ -44,14 +44,3 @@ def gather_trainable_state(trainer: L.Trainer, module: torch.nn.Module) -> dict 
     with _get_full_state_dict_context(trainer.strategy.model, world_size=trainer.world_size):
         full = trainer.strategy.model.state_dict()
     return {k: v for k, v in full.items() if k in keep}
-
-
-def clip_gradients(module: L.LightningModule, optimizer, gradient_clip_val, gradient_clip_algorithm) -> None:
-    """The recipes' `configure_gradient_clipping`: under FSDP, norm clipping through FSDP's own
-    `clip_grad_norm_` (Lightning's FSDPPrecision refuses `gradient_clip_algorithm='norm'`: seen on 2 H200s);
-    otherwise Lightning's clipping, unchanged."""
-    trainer = module.trainer
-    if gradient_clip_val and is_fsdp(trainer) and gradient_clip_algorithm in (None, "norm"):
-        trainer.strategy.model.clip_grad_norm_(float(gradient_clip_val))
-        return
-    module.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)

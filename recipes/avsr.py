@@ -17,7 +17,7 @@ import torch
 from torchmetrics import MeanMetric
 
 from data.avsr.skipped_clips import skip_metrics
-from harness import fsdp
+from harness.clipping import clip_gradients
 from metrics.wer import CorpusWER
 from models.attention_capture import disable_capture
 from models.avsr.avsr_model import MODALITIES, AVSRModel
@@ -217,7 +217,7 @@ class AVSRRecipe(L.LightningModule):
         self._log_epoch("test")
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
-        fsdp.clip_gradients(self, optimizer, gradient_clip_val, gradient_clip_algorithm)
+        clip_gradients(self, optimizer, gradient_clip_val, gradient_clip_algorithm)
 
     def configure_optimizers(self):
         return configure_optimizers(self, self.optimizer_factory, self.scheduler_factory)

@@ -10,7 +10,7 @@ import lightning as L
 import torch
 from torchmetrics import MeanMetric
 
-from harness import fsdp
+from harness.clipping import clip_gradients
 from models import segments as seg
 from models.attention_capture import disable_capture
 from models.fast import mark_training_step
@@ -112,7 +112,7 @@ class CausalLMRecipe(L.LightningModule):
         self.log("val/perplexity", torch.exp(loss.clamp(max=30)), sync_dist=False)
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
-        fsdp.clip_gradients(self, optimizer, gradient_clip_val, gradient_clip_algorithm)
+        clip_gradients(self, optimizer, gradient_clip_val, gradient_clip_algorithm)
 
     def configure_optimizers(self):
         return configure_optimizers(self, self.optimizer_factory, self.scheduler_factory)

@@ -6,6 +6,8 @@ import math
 
 import torch
 
+from harness.clipping import amp_scaler
+
 
 def warmup_cosine(
     optimizer: torch.optim.Optimizer, total_steps: int, warmup_steps: int = 0, min_lr_ratio: float = 0.1
@@ -24,9 +26,10 @@ def warmup_cosine(
 FUSABLE = (torch.optim.AdamW, torch.optim.Adam)
 
 
-def device_defaults(optimizer_factory, params: list) -> dict:
+def device_defaults(optimizer_factory, params: list, amp_scaler=None) -> dict:
     """{"fused": True} for torch Adam/AdamW over CUDA parameters when the config leaves `fused` unset
-    (null) and sets no `foreach`; {} otherwise.
+    (null), sets no `foreach` and no fp16 GradScaler is in use (`amp_scaler`: Lightning refuses to clip
+    gradients for an optimizer that unscales internally; under bf16 harness/clipping.py clips); {} otherwise.
 
     Why: LoRA has hundreds of small tensors (420 in SmolLM2-135M with r16 on every linear layer). The
     default foreach AdamW spends host time per tensor (bias corrections from CPU step counters: two
@@ -35,7 +38,8 @@ def device_defaults(optimizer_factory, params: list) -> dict:
     """
     func = getattr(optimizer_factory, "func", optimizer_factory)
     keywords = getattr(optimizer_factory, "keywords", {}) or {}
-    if func not in FUSABLE or keywords.get("fused") is not None or keywords.get("foreach") is not None:
+    explicit = keywords.get("fused") is not None or keywords.get("foreach") is not None
+    if func not in FUSABLE or explicit or amp_scaler is not None:
         return {}
     on_cuda = all(p.device.type == "cuda" and p.is_floating_point() for p in params)
     return {"fused": True} if params and on_cuda else {}
@@ -47,7 +51,8 @@ def configure_optimizers(module, optimizer_factory, scheduler_factory=None):
     params = [p for p in module.parameters() if p.requires_grad]
     if not params:
         raise ValueError("no trainable parameters: check `peft` and the freeze/unfreeze regexes")
-    optimizer = optimizer_factory(params, **device_defaults(optimizer_factory, params))
+    scaler = amp_scaler(module._trainer) if module._trainer is not None else None
+    optimizer = optimizer_factory(params, **device_defaults(optimizer_factory, params, scaler))
     if scheduler_factory is None:
         return optimizer
     total = module.trainer.estimated_stepping_batches if module._trainer is not None else 1
