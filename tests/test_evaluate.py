@@ -119,7 +119,7 @@ def test_two_gloo_processes_match_one_process(trained_run, tmp_path):
         "-m",
         "torch.distributed.run",
         "--nproc_per_node=2",
-        "--master_port=29631",
+        "--standalone",  # a free port of its own: a fixed one collides with any other run on the machine
         "evaluate.py",
         *overrides,
         f"output_dir={ddp}",
