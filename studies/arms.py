@@ -29,6 +29,29 @@ class Arm:
     overrides: list[str] = field(default_factory=list)
 
 
+def batch_overrides(batch_size: int, micro_batch: int | None = None) -> list[str]:
+    """Hydra overrides for `batch_size` rows per optimizer step, fed `micro_batch` rows per forward.
+
+    micro_batch None or equal to batch_size: `["data.batch_size=B"]` (one forward per step). Otherwise
+    `data.batch_size=m` and `trainer.accumulate_grad_batches=B/m`: the same rows per optimizer step (the
+    training sampler's order does not depend on the batch size; `max_steps` counts optimizer steps) in
+    less activation memory. Token-sum objectives (LeaF/KD distillation) still divide by the tokens of the
+    whole step (recipes/objectives/window.py); mean-CE arms average the micro-batches' token means.
+    Raises ValueError when m does not divide B.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch size must be >= 1, got {batch_size}")
+    if micro_batch is None or micro_batch == batch_size:
+        return [f"data.batch_size={batch_size}"]
+    if micro_batch < 1 or batch_size % micro_batch:
+        divisors = [d for d in range(1, batch_size + 1) if batch_size % d == 0]
+        raise ValueError(
+            f"micro-batch {micro_batch} does not divide the batch size {batch_size} (rows per optimizer "
+            f"step): choose one of {divisors}"
+        )
+    return [f"data.batch_size={micro_batch}", f"trainer.accumulate_grad_batches={batch_size // micro_batch}"]
+
+
 def visible_gpus() -> list[str]:
     """GPU indices this process may use ([] on CPU machines)."""
     env = os.environ.get("CUDA_VISIBLE_DEVICES")

@@ -8,9 +8,11 @@ import re
 import pytest
 
 from data.text.retrieval_sft import build_retrieval_sft, fortune_quotes
+from studies.arms import batch_overrides
 from studies.eval_generate import greedy_generate, paired_difference, wilson_interval
 from studies.eval_passkey import INTRO, NEEDLE, build_trials, evaluate_passkey, extract_key, prompt_ids
 from studies.meap_passkey import make_arms, meap_token_ratio, parse_args
+from tests.hydra_utils import compose_train
 
 PIECES = [f"Filler sentence number {i} about grass and stones." for i in range(300)]
 
@@ -102,17 +104,40 @@ def test_meap_arm_gets_fewer_steps_for_the_same_tokens(tmp_path, tiny_lm):
     assert "trainer.max_steps=100" in arms["sft_s0"] and "experiment=meap_passkey_meap" in arms["meap_s0"]
 
 
+def test_batch_overrides_keep_the_rows_per_step_and_refuse_a_non_divisor():
+    assert batch_overrides(64) == batch_overrides(64, 64) == ["data.batch_size=64"]  # as before the option
+    assert batch_overrides(64, 16) == ["data.batch_size=16", "trainer.accumulate_grad_batches=4"]
+    assert batch_overrides(64, 1) == ["data.batch_size=1", "trainer.accumulate_grad_batches=64"]
+    for bad in (24, 0, 128):
+        with pytest.raises(ValueError, match=f"micro-batch {bad} does not divide the batch size 64"):
+            batch_overrides(64, bad)
+
+
+def test_micro_batch_reaches_both_arms_and_a_non_divisor_is_refused(tmp_path, capsys):
+    args = parse_args(["--out", str(tmp_path), "--micro-batch", "16"])
+    budget = {"ratio": 1.25}
+    for arm in make_arms(args, budget):
+        cfg = compose_train(arm.overrides)
+        assert cfg.data.batch_size == 16 and cfg.trainer.accumulate_grad_batches == 4, arm.name
+    with pytest.raises(SystemExit):
+        parse_args(["--out", str(tmp_path), "--smoke", "--micro-batch", "3"])  # smoke batch: 4
+    assert "micro-batch 3 does not divide the batch size 4" in capsys.readouterr().err
+
+
 @pytest.mark.slow
 def test_study_smoke_runs_every_arm_writes_report_and_resumes(tmp_path):
     from studies.meap_passkey import main
 
-    report = main(["--out", str(tmp_path), "--smoke"])
+    report = main(["--out", str(tmp_path), "--smoke", "--micro-batch", "2"])  # 2 x 2 rows per step
     text = report.read_text()
     for name in ("base", "sft_s0", "meap_s0", "MEAP - SFT"):
         assert f"| {name}" in text
     assert (tmp_path / "passkey.png").exists()
     for arm in ("sft_s0", "meap_s0"):
-        assert json.loads((tmp_path / arm / "results.json").read_text())["step"] == 4
+        assert json.loads((tmp_path / arm / "results.json").read_text())["step"] == 4  # optimizer steps
+        assert "trainer.accumulate_grad_batches=2" in (tmp_path / arm / "command.txt").read_text()
     first = {p.name: p.stat().st_mtime for p in (tmp_path / "eval").iterdir()}
-    main(["--out", str(tmp_path), "--smoke"])  # resumes: nothing retrained or re-evaluated
+    main(
+        ["--out", str(tmp_path), "--smoke", "--micro-batch", "2"]
+    )  # resumes: nothing retrained or re-evaluated
     assert {p.name: p.stat().st_mtime for p in (tmp_path / "eval").iterdir()} == first

@@ -10,7 +10,7 @@ import torch
 
 from models.causal_lm import build_tiny_llama
 from models.layer_subset import build_layer_subset
-from recipes.causal_lm import CausalLMRecipe
+from recipes.causal_lm import CausalLMRecipe, micro_batch_step
 from recipes.objectives.adl import AttentionDiversityObjective, sample_query_positions
 from recipes.objectives.base import ObjectiveContext
 from recipes.objectives.decorr import BosDecorrelationObjective, input_side_mask
@@ -194,6 +194,14 @@ def test_meap_sft_copies_only_rows_with_long_answers():
     assert (copy_ids == 99).sum() == 2 and (copy_ids[:2] == torch.tensor([0, 1])).all()
     assert torch.equal(copy_labels[copy_ids == 99], batch["input_ids"][0][copy_ids == 99])
     assert out["num_items_in_batch"] is batch["num_items_in_batch"]
+
+
+def test_micro_batch_step_differs_between_the_micro_batches_of_a_step():
+    """Under gradient accumulation every micro-batch of a step has the same global_step; the key that
+    seeds objective randomness must still differ between them (and stay global_step without it)."""
+    assert [micro_batch_step(step, step, 1) for step in range(5)] == list(range(5))
+    keys = [micro_batch_step(idx // 4, idx, 4) for idx in range(40)]  # batch_idx 0..39, A = 4
+    assert keys == list(range(40))
 
 
 def test_window_normalisation_gives_the_global_token_mean_gradient():

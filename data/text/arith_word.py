@@ -8,8 +8,15 @@
 
 Each problem chains 2-4 operations (gain, lose, buy groups, share equally, double) on one quantity, with
 0-2 distractor sentences holding irrelevant numbers: the tokens a student should learn to ignore, which
-is what LeaF's counterfactual pruning targets. The worked answer ends "The answer is N." Splits are by item:
-every prompt is unique and belongs to exactly one of train / val / test. Seeded; written once.
+is what LeaF's counterfactual pruning targets. Two kinds of distractor (`distractors=`):
+- "other" (the default; the data of study 4's first run): other things, "Leo owns 9 bicycles.", so a
+  number read from the wrong sentence rarely fits the question;
+- "same-item": the question's item held or moved by another person, "Leo has 9 apples.", "Leo buys 4 more
+  apples.", so a student that reads the wrong sentence uses the wrong number (a real confounder).
+`distractor_numbers(prompt)` gives the numbers of a prompt's distractor sentences (both kinds),
+`distractor_only_numbers(prompt, response)` those the worked answer never uses. The worked
+answer ends "The answer is N." Splits are by item: every prompt is unique and belongs to exactly one of
+train / val / test. Seeded; written once.
 """
 
 from __future__ import annotations
@@ -45,7 +52,20 @@ DISTRACTORS = [
     "{other} has {n} cousins.",
     "The bus ride takes {n} minutes.",
 ]
+SAME_ITEM_DISTRACTORS = [
+    "{other} has {n} {item}.",
+    "{other} buys {n} more {item}.",
+    "{other} gives away {n} {item}.",
+    "Then {other} finds {n} more {item}.",
+    "{other} wants {n} {item}.",
+    "{other} sells {n} {item}.",
+]
+# As many templates of each kind: a choice among them draws the same random bits, so one seed gives both
+# kinds the same stories, distractor positions and numbers; only the distractor sentences differ.
+DISTRACTOR_KINDS = {"other": DISTRACTORS, "same-item": SAME_ITEM_DISTRACTORS}
 ANSWER = re.compile(r"The answer is (-?\d+)")
+QUESTION = re.compile(r"How many (\w+) does (\w+) have now\?$")
+NUMBER = re.compile(r"\d+")
 
 
 def _gain(rng, name, item, total):
@@ -104,8 +124,13 @@ def _double(rng, name, item, total):
 OPERATIONS = (_gain, _lose, _groups, _share, _double)
 
 
-def make_problem(rng: random.Random) -> dict:
-    """One problem: {"prompt", "response", "answer"}."""
+def make_problem(rng: random.Random, distractors: str = "other") -> dict:
+    """One problem: {"prompt", "response", "answer"}; distractor sentences of kind `distractors`.
+
+    Both kinds draw the same random numbers in the same order (DISTRACTOR_KINDS), so "other" gives the
+    rows it gave before "same-item" existed, and "same-item" the same problems with other distractors.
+    """
+    templates = _distractor_templates(distractors)
     name = rng.choice(NAMES)
     item = rng.choice(ITEMS)
     total = rng.randint(5, 40)
@@ -121,11 +146,66 @@ def make_problem(rng: random.Random) -> dict:
         steps.append(work)
     for _ in range(rng.randint(0, 2)):
         other = rng.choice([x for x in NAMES if x != name])
-        distractor = rng.choice(DISTRACTORS).format(other=other, n=rng.randint(2, 40))
+        distractor = rng.choice(templates).format(other=other, n=rng.randint(2, 40), item=item)
         story.insert(rng.randint(1, len(story)), distractor)
     prompt = " ".join(story) + f" How many {item} does {name} have now?"
     response = " ".join(steps) + f" The answer is {total}."
     return {"prompt": prompt, "response": response, "answer": total}
+
+
+def _distractor_templates(kind: str) -> list[str]:
+    if kind not in DISTRACTOR_KINDS:
+        raise ValueError(f"distractors={kind!r}: choose one of {sorted(DISTRACTOR_KINDS)}")
+    return DISTRACTOR_KINDS[kind]
+
+
+def _template_pattern(template: str) -> re.Pattern:
+    """A template as a regex: {other} -> (?P<other>name), {n} -> a number, {item} -> an item word."""
+    pattern = re.escape(template)
+    for field, regex in (
+        ("other", r"(?P<other>\w+)"),
+        ("n", r"(?P<n>\d+)"),
+        ("item", "(?:" + "|".join(ITEMS) + ")"),
+    ):
+        pattern = pattern.replace(re.escape("{" + field + "}"), regex)
+    return re.compile(pattern)
+
+
+DISTRACTOR_PATTERNS = [_template_pattern(t) for t in DISTRACTORS + SAME_ITEM_DISTRACTORS]
+
+
+def split_sentences(prompt: str) -> list[str]:
+    """The prompt's sentences (each ends with "." or "?"); the generator joins them with one space."""
+    return [sentence.strip() for sentence in re.findall(r"[^.?]+[.?]", prompt)]
+
+
+def distractor_sentences(prompt: str) -> list[str]:
+    """The sentences of a generated prompt that are distractors (of either kind).
+
+    A same-item template also matches the story's own first sentence ("Mia has 14 apples."), so a match
+    counts only when its person is not the one the question asks about.
+    """
+    question = QUESTION.search(prompt)
+    subject = question.group(2) if question else None
+    found = []
+    for sentence in split_sentences(prompt):
+        for pattern in DISTRACTOR_PATTERNS:
+            match = pattern.fullmatch(sentence)
+            if match and match.groupdict().get("other") != subject:
+                found.append(sentence)
+                break
+    return found
+
+
+def distractor_numbers(prompt: str) -> set[int]:
+    """The numbers that occur in the distractor sentences of a generated prompt (either kind)."""
+    return {int(n) for s in distractor_sentences(prompt) for n in NUMBER.findall(s)}
+
+
+def distractor_only_numbers(prompt: str, response: str) -> set[int]:
+    """Numbers of the distractor sentences that the reference worked answer never uses: an output that
+    contains one took it from a distractor."""
+    return distractor_numbers(prompt) - {int(n) for n in NUMBER.findall(response)}
 
 
 def parse_answer(text: str) -> int | None:
@@ -135,9 +215,19 @@ def parse_answer(text: str) -> int | None:
 
 
 def build_arith_word(
-    out_dir: str | Path, num_train: int = 20000, num_val: int = 200, num_test: int = 600, seed: int = 0
+    out_dir: str | Path,
+    num_train: int = 20000,
+    num_val: int = 200,
+    num_test: int = 600,
+    seed: int = 0,
+    distractors: str = "other",
 ) -> dict[str, str]:
-    """Write train/val/test.jsonl under out_dir once (idempotent), unique prompts, disjoint splits."""
+    """Write train/val/test.jsonl under out_dir once (idempotent), unique prompts, disjoint splits.
+
+    distractors: "other" (unrelated things) or "same-item" (the question's item, another person); see the
+    module docstring. Existing files are returned as they are: give each kind its own out_dir.
+    """
+    _distractor_templates(distractors)
     out_dir = Path(out_dir)
     paths = {split: str(out_dir / f"{split}.jsonl") for split in ("train", "val", "test")}
     if all(Path(p).exists() for p in paths.values()):
@@ -151,7 +241,7 @@ def build_arith_word(
         attempts += 1
         if attempts > 50 * total:
             raise RuntimeError(f"could not generate {total} distinct problems; ask for fewer")
-        row = make_problem(rng)
+        row = make_problem(rng, distractors)
         if row["prompt"] not in seen:
             seen.add(row["prompt"])
             rows.append(row)
