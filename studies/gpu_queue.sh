@@ -71,7 +71,7 @@ case $phase in
       5b) cmd="python3 studies/adl_robustness.py --weights ${ADL_WEIGHTS:-0.1,0.3} --out $S/adl_robustness_low" ;;
       4) cmd="python3 studies/leaf_vs_kd.py --out $S/leaf_vs_kd --micro-batch 32" ;;
       4b) cmd="python3 studies/leaf_vs_kd.py --out $S/leaf_vs_kd_b --distractors same-item --stage1-student kd --micro-batch 32" ;;
-      3) cmd="python3 studies/meap_passkey.py --out $S/meap_passkey --micro-batch 16" ;;
+      3) cmd="python3 studies/meap_passkey.py --out $S/meap_passkey --micro-batch 8" ;;
       *) echo "[queue] unknown study $study"; continue ;;
     esac
     # CHAIN=1: one job runs the studies one after another (memory-heavy arms: studies 3 and 4 together
