@@ -28,7 +28,7 @@ from recipes.avsr_export import export_avsr
 from recipes.checkpoint import keep_trainable_state
 from recipes.llm_setup import prepare_llm
 from recipes.objectives.base import Objective
-from recipes.objectives.compose import ObjectiveSet, total_loss
+from recipes.objectives.compose import ObjectiveSet, accumulate_grad_batches, micro_batch_step, total_loss
 from recipes.optim import configure_optimizers
 
 log = logging.getLogger(__name__)
@@ -163,7 +163,8 @@ class AVSRRecipe(L.LightningModule):
         self._log_skipped(batch)
         if not batch["text"]:  # every clip of this batch was skipped: a zero loss keeps DDP ranks in step
             return sum(p.reshape(-1)[0] * 0.0 for p in self.parameters() if p.requires_grad)
-        batch = self.objectives.transform_batch(batch, self.global_step, self.seed)
+        key = micro_batch_step(self.global_step, batch_idx, accumulate_grad_batches(self._trainer))
+        batch = self.objectives.transform_batch(batch, key, self.seed)
         packed = self.model.build_inputs(batch)
         context_batch = {
             **batch,
@@ -172,7 +173,9 @@ class AVSRRecipe(L.LightningModule):
             "segments": packed.segments,
         }
         inputs = {**packed.llm_inputs(with_labels=True), "use_cache": False}
-        outputs, ctx = self.objectives.forward(self.llm, inputs, context_batch, self.global_step)
+        outputs, ctx = self.objectives.forward(
+            self.llm, inputs, context_batch, self.global_step, sample_key=key
+        )
         total, logs = total_loss(outputs.loss, self.objectives.losses(ctx), self.ce_weight)
         batch_size = len(batch["text"])
         self.log("train/loss", logs.pop("loss"), prog_bar=True, batch_size=batch_size)

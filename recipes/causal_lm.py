@@ -20,18 +20,11 @@ from models.segments import IGNORE_INDEX
 from recipes.checkpoint import gathered_part, keep_trainable_state
 from recipes.llm_setup import prepare_llm
 from recipes.objectives.base import Objective
-from recipes.objectives.compose import ObjectiveSet, total_loss
+from recipes.objectives.compose import ObjectiveSet, accumulate_grad_batches, micro_batch_step, total_loss
 from recipes.objectives.window import WindowTokenNormaliser
 from recipes.optim import configure_optimizers
 
 log = logging.getLogger(__name__)
-
-
-def micro_batch_step(global_step: int, batch_idx: int, accumulate: int) -> int:
-    """A key for objective randomness (MEAP masks) that differs between the micro-batches of one optimizer
-    step: global_step * A + (batch_idx mod A). A = 1 (no accumulation): global_step, as before; resumed
-    runs start at a window boundary, so they draw the same keys."""
-    return global_step * accumulate + batch_idx % accumulate if accumulate > 1 else global_step
 
 
 class CausalLMRecipe(L.LightningModule):
@@ -79,11 +72,10 @@ class CausalLMRecipe(L.LightningModule):
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         mark_training_step()
         check_packing(batch, self.objectives.objectives)
-        accumulate = self._trainer.accumulate_grad_batches if self._trainer is not None else 1
-        key = micro_batch_step(self.global_step, batch_idx, accumulate)
+        key = micro_batch_step(self.global_step, batch_idx, accumulate_grad_batches(self._trainer))
         batch = self.objectives.transform_batch(batch, key, self.seed)
         inputs = llm_inputs(batch)
-        outputs, ctx = self.objectives.forward(self.llm, inputs, batch, self.global_step)
+        outputs, ctx = self.objectives.forward(self.llm, inputs, batch, self.global_step, sample_key=key)
         losses = self.objectives.losses(ctx)
         batch_size = batch["input_ids"].shape[0]
         if self.token_sum:

@@ -10,9 +10,10 @@ import torch
 
 from models.causal_lm import build_tiny_llama
 from models.layer_subset import build_layer_subset
-from recipes.causal_lm import CausalLMRecipe, micro_batch_step
+from recipes.causal_lm import CausalLMRecipe
 from recipes.objectives.adl import AttentionDiversityObjective, sample_query_positions
 from recipes.objectives.base import ObjectiveContext
+from recipes.objectives.compose import micro_batch_step
 from recipes.objectives.decorr import BosDecorrelationObjective, input_side_mask
 from recipes.objectives.leaf import LeafDistillationObjective
 from recipes.objectives.meap import MeapObjective
@@ -268,3 +269,30 @@ def test_decorr_warns_when_a_batch_selects_nothing(caplog):
     with caplog.at_level(logging.WARNING, logger="recipes.objectives.decorr"):
         loss = BosDecorrelationObjective(tokens="input_side").loss(_decorr_context(only_bos_prompt))
     assert loss == 0 and "selected no position" in caplog.text
+
+
+def test_adl_rows_follow_the_sample_key_not_the_step(monkeypatch):
+    """Under gradient accumulation the micro-batches of one step share `step` (the weight schedule) but not
+    `sample_key`, so each draws its own ADL query rows; the same key draws the same rows (resumes)."""
+    from recipes.objectives import adl as adl_module
+
+    drawn = []
+
+    class Drawn(Exception):
+        pass
+
+    def record(mask, num_rows, generator):
+        drawn.append(adl_module.sample_query_positions.__wrapped__(mask, num_rows, generator))
+        raise Drawn
+
+    record.__wrapped__ = adl_module.sample_query_positions
+    monkeypatch.setattr(adl_module, "sample_query_positions", record)
+    objective = AttentionDiversityObjective(num_rows=4)
+    mask = torch.ones(2, 64, dtype=torch.long)
+    for key in (7, 8, 7):
+        ctx = ObjectiveContext(
+            batch={"attention_mask": mask}, logits=None, attention={0: None}, step=3, sample_key=key
+        )
+        with pytest.raises(Drawn):
+            objective.loss(ctx)
+    assert not torch.equal(drawn[0], drawn[1]) and torch.equal(drawn[0], drawn[2])

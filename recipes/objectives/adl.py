@@ -39,7 +39,8 @@ class AttentionDiversityObjective(Objective):
         num_rows: S, the query rows sampled per step (shared by the batch and by all layers).
         threshold: entries below threshold / (visible keys) are ignored (reference: 2).
         causal: our causal variant (default) or the reference ViT formula (see the loss docstring).
-        seed: with `ctx.step`, seeds the row sample, so a resumed run draws the same rows.
+        seed: with `ctx.sample_key` (the step, or the micro-batch's key under accumulation), seeds the row
+            sample, so a resumed run draws the same rows.
     """
 
     name = "adl"
@@ -77,7 +78,7 @@ class AttentionDiversityObjective(Objective):
                 "adl needs captured queries/keys: the recipe must wrap the forward in QueryKeyCapture"
             )
         attention_mask = ctx.batch["attention_mask"]
-        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + int(ctx.step))
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + int(ctx.sample_key))
         positions = sample_query_positions(attention_mask, self.num_rows, generator)
         per_layer = []
         for layer in sorted(ctx.attention) if self.layers is None else self.layers:

@@ -39,6 +39,8 @@ class ObjectiveContext:
     attention: layer index -> captured query [B,H,T,hd] / key [B,KV,T,hd].
     model: the (PEFT-wrapped) LLM, e.g. for a teacher-free objective that needs config.
     step: global optimisation step (for schedules).
+    sample_key: seeds per-step random draws (ADL's query rows); equals `step` without gradient
+        accumulation, and differs between the micro-batches of one step with it (`micro_batch_step`).
     """
 
     batch: dict
@@ -47,6 +49,7 @@ class ObjectiveContext:
     attention: dict[int, CapturedQueryKey] = field(default_factory=dict)
     model: torch.nn.Module | None = None
     step: int = 0
+    sample_key: int = 0
 
 
 class Objective:

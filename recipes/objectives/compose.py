@@ -68,8 +68,18 @@ class ObjectiveSet:
             batch = objective.transform_batch(batch, generator)
         return batch
 
-    def forward(self, llm: torch.nn.Module, llm_inputs: dict, batch: dict, step: int, training: bool = True):
-        """Run the LLM once, asking only for what the objectives need; return (outputs, context)."""
+    def forward(
+        self,
+        llm: torch.nn.Module,
+        llm_inputs: dict,
+        batch: dict,
+        step: int,
+        training: bool = True,
+        sample_key: int | None = None,
+    ):
+        """Run the LLM once, asking only for what the objectives need; return (outputs, context).
+        `step` drives weight schedules; `sample_key` (default: step) seeds per-step random draws
+        (ADL's rows): `micro_batch_step` gives each micro-batch of an accumulated step its own."""
         layers = self.attention_layers(num_decoder_layers(llm)) if training else []
         capture = QueryKeyCapture(llm, layers) if layers else contextlib.nullcontext({})
         with capture as captured:
@@ -81,12 +91,25 @@ class ObjectiveSet:
             attention=dict(captured),
             model=llm,
             step=step,
+            sample_key=step if sample_key is None else sample_key,
         )
         return outputs, ctx
 
     def losses(self, ctx: ObjectiveContext) -> dict[str, tuple[torch.Tensor, float]]:
         """name -> (unweighted loss, weight at this step)."""
         return {name: (o.loss(ctx), o.weight_at(ctx.step)) for name, o in self.objectives.items()}
+
+
+def micro_batch_step(global_step: int, batch_idx: int, accumulate: int) -> int:
+    """A key for objective randomness (MEAP masks) that differs between the micro-batches of one optimizer
+    step: global_step * A + (batch_idx mod A). A = 1 (no accumulation): global_step, as before; resumed
+    runs start at a window boundary, so they draw the same keys."""
+    return global_step * accumulate + batch_idx % accumulate if accumulate > 1 else global_step
+
+
+def accumulate_grad_batches(trainer) -> int:
+    """Micro-batches per optimizer step (1 outside a Trainer)."""
+    return trainer.accumulate_grad_batches if trainer is not None else 1
 
 
 def total_loss(ce: torch.Tensor, losses: dict[str, tuple[torch.Tensor, float]], ce_weight: float = 1.0):
