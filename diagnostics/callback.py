@@ -40,6 +40,7 @@ from diagnostics.report import (
     tracked_headline,
     write_sinks_json,
 )
+from harness.fsdp import root_params_gathered
 
 log = logging.getLogger(__name__)
 SEGMENT_METRICS = ("bos_cosine", "first_token_attention")
@@ -238,9 +239,10 @@ class SinkDiagnosticsCallback(Callback):
         n = self.probe_batch_size
         llm_inputs = {k: v[:n] if torch.is_tensor(v) else v for k, v in llm_inputs.items()}
         segments = segments[:n] if segments is not None else None
-        report = measure_sinks(
-            pl_module.llm, llm_inputs, segments, tracked_sinks=self.tracked_sinks, **self.probe_kwargs
-        )
+        with root_params_gathered(trainer):  # FSDP: the probe's forward bypasses the wrapped root
+            report = measure_sinks(
+                pl_module.llm, llm_inputs, segments, tracked_sinks=self.tracked_sinks, **self.probe_kwargs
+            )
         if self.tracked_sinks is None:  # first measurement: its sinks are the ones tracked from now on
             self.tracked_sinks = [
                 {k: s[k] for k in ("sample", "position", "layers", "token", "segment")}

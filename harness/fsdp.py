@@ -9,6 +9,7 @@ whereas its sharded loader asks the checkpoint for every weight, frozen ones inc
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 
 import lightning as L
@@ -44,3 +45,16 @@ def gather_trainable_state(trainer: L.Trainer, module: torch.nn.Module) -> dict 
     with _get_full_state_dict_context(trainer.strategy.model, world_size=trainer.world_size):
         full = trainer.strategy.model.state_dict()
     return {k: v for k, v in full.items() if k in keep}
+
+
+def root_params_gathered(trainer: L.Trainer):
+    """Under FSDP: a context in which the root unit's parameters (embedding, final norm, LM head: what the
+    decoder-layer wrap policy leaves to the root) are whole, for a forward that bypasses the wrapped
+    module (the sink probe calls `pl_module.llm` itself: outside the root's forward the embedding weight is
+    a flat shard, "'weight' must be 2-D" on 2 H200s). The wrapped decoder layers gather their own
+    parameters in their forward. A no-op context without FSDP."""
+    if trainer is None or not is_fsdp(trainer):
+        return contextlib.nullcontext()
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    return FullyShardedDataParallel.summon_full_params(trainer.strategy.model, recurse=False, writeback=False)

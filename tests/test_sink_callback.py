@@ -180,3 +180,52 @@ def test_resumed_run_keeps_the_step0_figures_and_sinks(tmp_path, tiny_lm):
     # the measurement at the resume step (2) tracked the step-0 sinks, not the ones it found itself
     at_resume = json.loads((tmp_path / "sinks" / "step_000002.json").read_text())
     assert at_resume["tracked_sinks"] == interrupted.tracked_sinks
+
+
+def test_probe_gathers_the_fsdp_root_parameters(tmp_path, tiny_lm, monkeypatch):
+    """Under FSDP the probe's forward (pl_module.llm, outside the wrapped root's forward) runs inside
+    FSDP.summon_full_params(root, recurse=False): on 2 H200s it failed with "'weight' must be 2-D"
+    (the embedding was a flat shard). Without FSDP no context is entered (nullcontext)."""
+    from contextlib import contextmanager
+
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    from harness import fsdp
+
+    calls = []
+
+    @contextmanager
+    def summon(module, recurse=True, writeback=True):
+        calls.append((module, recurse, writeback))
+        yield
+
+    monkeypatch.setattr(FullyShardedDataParallel, "summon_full_params", staticmethod(summon))
+    root = torch.nn.Linear(1, 1)
+    fake_trainer = SimpleNamespace(strategy=SimpleNamespace(model=root))
+    monkeypatch.setattr(fsdp, "is_fsdp", lambda trainer: trainer is fake_trainer)
+    with fsdp.root_params_gathered(L.Trainer(accelerator="cpu", logger=False)):
+        pass
+    assert calls == []
+    with fsdp.root_params_gathered(fake_trainer):
+        pass
+    assert calls == [(root, False, False)]
+
+    model, tokenizer = tiny_lm
+    entered = []
+    monkeypatch.setattr(
+        "diagnostics.callback.root_params_gathered", lambda trainer: entered.append(trainer) or summon(root)
+    )
+    trainer = L.Trainer(
+        max_steps=1,
+        accelerator="cpu",
+        logger=False,
+        callbacks=[SinkDiagnosticsCallback(every_n_steps=0, probe_batch_size=2)],
+        default_root_dir=tmp_path,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        limit_val_batches=1,
+    )
+    trainer.fit(TinyLM(model), datamodule=TextData(tokenizer))
+    assert entered and all(t is trainer for t in entered)
