@@ -29,7 +29,7 @@ def layer_classes(names: list[str]) -> set[type]:
 def is_fsdp(trainer: L.Trainer) -> bool:
     from lightning.pytorch.strategies import FSDPStrategy
 
-    return isinstance(trainer.strategy, FSDPStrategy)
+    return isinstance(getattr(trainer, "strategy", None), FSDPStrategy)  # stand-in trainers have none
 
 
 def gather_trainable_state(trainer: L.Trainer, module: torch.nn.Module) -> dict | None:
