@@ -5,9 +5,9 @@
 
 steps/s: the median interval between consecutive `on_train_batch_end` calls after `warmup` steps (the
 whole loop: data loading, forward, backward, optimizer, logging, callbacks), and the mean over the same
-steps. The timer adds no host sync to a timed step (token counts stay on the device until the end), so the
-host may run ahead of the GPU as it does in training. first_loss: the loss of the first step (one host sync). Tokens: non-pad tokens (attention mask)
-and all positions of the batches.
+steps. The timer adds no host sync to a timed step (token counts stay on the device until the end), so
+the host may run ahead of the GPU as it does in training. first_loss: the loss of the first step (one host
+sync). Tokens: non-pad tokens (attention mask) and all positions of the batches.
 
 GPU busy (CUDA only; null on CPU): `torch.profiler` over `profile_steps` steps after the warm-up, the
 device synchronised at both ends; the trace goes through `export_chrome_trace`, and busy time is the

@@ -26,9 +26,9 @@ def warmup_cosine(
 FUSABLE = (torch.optim.AdamW, torch.optim.Adam)
 
 
-def device_defaults(optimizer_factory, params: list, amp_scaler=None) -> dict:
+def device_defaults(optimizer_factory, params: list, scaler=None) -> dict:
     """{"fused": True} for torch Adam/AdamW over CUDA parameters when the config leaves `fused` unset
-    (null), sets no `foreach` and no fp16 GradScaler is in use (`amp_scaler`: Lightning refuses to clip
+    (null), sets no `foreach` and no fp16 GradScaler is in use (`scaler`: Lightning refuses to clip
     gradients for an optimizer that unscales internally; under bf16 harness/clipping.py clips); {} otherwise.
 
     Why: LoRA has hundreds of small tensors (420 in SmolLM2-135M with r16 on every linear layer). The
@@ -39,7 +39,7 @@ def device_defaults(optimizer_factory, params: list, amp_scaler=None) -> dict:
     func = getattr(optimizer_factory, "func", optimizer_factory)
     keywords = getattr(optimizer_factory, "keywords", {}) or {}
     explicit = keywords.get("fused") is not None or keywords.get("foreach") is not None
-    if func not in FUSABLE or explicit or amp_scaler is not None:
+    if func not in FUSABLE or explicit or scaler is not None:
         return {}
     on_cuda = all(p.device.type == "cuda" and p.is_floating_point() for p in params)
     return {"fused": True} if params and on_cuda else {}

@@ -21,6 +21,7 @@ def test_adamw_config_fuses_on_cuda_only():
     assert device_defaults(factory, [fake_param("cpu")]) == {}
     assert device_defaults(factory, [fake_param("cuda"), fake_param("cpu")]) == {}
     assert device_defaults(factory, []) == {}
+    assert device_defaults(factory, [fake_param("cuda")], scaler=object()) == {}  # fp16: Lightning's clipping
 
 
 def test_an_explicit_choice_is_kept():
