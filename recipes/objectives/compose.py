@@ -101,9 +101,9 @@ class ObjectiveSet:
 
 
 def micro_batch_step(global_step: int, batch_idx: int, accumulate: int) -> int:
-    """A key for objective randomness (MEAP masks, ADL rows) that differs between the micro-batches of one optimizer
-    step: global_step * A + (batch_idx mod A). A = 1 (no accumulation): global_step, as before; resumed
-    runs start at a window boundary, so they draw the same keys."""
+    """A key for objective randomness (MEAP masks, ADL rows) that differs between the micro-batches of one
+    optimizer step: global_step * A + (batch_idx mod A). A = 1 (no accumulation): global_step, as before;
+    resumed runs start at a window boundary, so they draw the same keys."""
     return global_step * accumulate + batch_idx % accumulate if accumulate > 1 else global_step
 
 
