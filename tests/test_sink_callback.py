@@ -54,6 +54,21 @@ class TinyLM(L.LightningModule):
         return inputs, batch["attention_mask"].long() * PROMPT
 
 
+def tiny_trainer(tmp_path, **settings) -> L.Trainer:
+    """A quiet CPU Trainer for these tests (no logger, no sanity check, one validation batch); `settings`
+    adds to or overrides the defaults."""
+    defaults = dict(
+        accelerator="cpu",
+        logger=False,
+        default_root_dir=tmp_path,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        limit_val_batches=1,
+    )
+    return L.Trainer(**{**defaults, **settings})
+
+
 class TextData(L.LightningDataModule):
     def __init__(self, tokenizer):
         super().__init__()
@@ -83,21 +98,15 @@ def test_callback_logs_metrics_and_writes_files(tmp_path, tiny_lm):
         recording,
         WandbLogger(mode="disabled", save_dir=str(tmp_path)),
     ]
-    trainer = L.Trainer(
+    tiny_trainer(
+        tmp_path,
         max_steps=3,
-        accelerator="cpu",
         devices=1,
         logger=loggers,
         callbacks=[callback],
-        default_root_dir=tmp_path,
         enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        limit_val_batches=1,
         check_val_every_n_epoch=100,
-    )
-    trainer.fit(TinyLM(model), datamodule=TextData(tokenizer))
+    ).fit(TinyLM(model), datamodule=TextData(tokenizer))
 
     steps = [step for step, metrics in recording.records if "sinks/first_token_attention/mean" in metrics]
     assert steps == [0, 2, 3]  # before training, every 2 steps, at the end
@@ -153,17 +162,8 @@ def test_resumed_run_keeps_the_step0_figures_and_sinks(tmp_path, tiny_lm):
 
     def fit(max_steps, callback, ckpt_path=None):
         checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True, every_n_train_steps=2)
-        trainer = L.Trainer(
-            max_steps=max_steps,
-            accelerator="cpu",
-            logger=False,
-            callbacks=[callback, checkpoint],
-            default_root_dir=tmp_path,
-            enable_progress_bar=False,
-            enable_model_summary=False,
-            num_sanity_val_steps=0,
-            limit_val_batches=1,
-            check_val_every_n_epoch=100,
+        trainer = tiny_trainer(
+            tmp_path, max_steps=max_steps, callbacks=[callback, checkpoint], check_val_every_n_epoch=100
         )
         trainer.fit(TinyLM(model), datamodule=TextData(tokenizer), ckpt_path=ckpt_path)
 
@@ -215,17 +215,11 @@ def test_probe_gathers_the_fsdp_root_parameters(tmp_path, tiny_lm, monkeypatch):
     monkeypatch.setattr(
         "diagnostics.callback.root_params_gathered", lambda trainer: entered.append(trainer) or summon(root)
     )
-    trainer = L.Trainer(
+    trainer = tiny_trainer(
+        tmp_path,
         max_steps=1,
-        accelerator="cpu",
-        logger=False,
         callbacks=[SinkDiagnosticsCallback(every_n_steps=0, probe_batch_size=2)],
-        default_root_dir=tmp_path,
         enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        limit_val_batches=1,
     )
     trainer.fit(TinyLM(model), datamodule=TextData(tokenizer))
     assert entered and all(t is trainer for t in entered)
