@@ -10,8 +10,8 @@ after --timeout): the row `fast_path.py lm1b --rows fast` builds (`CausalLMRecip
 Llama-3.2-1B shape, LoRA r16 on all linear layers, bf16-mixed, gradient clipping 1.0, no logger or
 progress bar), fit by `Trainer(devices=N, strategy="ddp")`, whose launcher re-runs that command line for
 ranks 1..N-1. Weak scaling: every rank trains on its own fixed batch (B=8, T=2048, seed 1 + rank: rank 0's
-is lm1b's), so total tokens/s = B*T*N / the median step interval of rank 0's StepTimer (the gradient
-all-reduce keeps the ranks in step). speedup = total tokens/s / the 1-device row's (a plain single-device fit, no DDP),
+is lm1b's), so total tokens/s = B*T*N x rank 0's mean steps/s over its timed span (the throughput, stalls
+included; the gradient all-reduce keeps the ranks in step). speedup = total tokens/s / the 1-device row's (a plain single-device fit, no DDP),
 efficiency = speedup / N. Every rank writes its StepTimer JSON: peak memory per GPU, first loss per rank
 (rank 0's equals lm1b's `recipe fast` first loss; other ranks differ: distinct batches). The worker sets
 NCCL_ENV for every rank: NVLink multicast stays off on the lent machines.
@@ -62,7 +62,7 @@ def summarise(ranks: list[dict], batch: int, length: int) -> dict:
         "steps": first["steps"],
         "steps_per_s_median": first["steps_per_s_median"],
         "steps_per_s_mean": first["steps_per_s_mean"],
-        "tokens_per_s_total": batch * length * first["world_size"] * first["steps_per_s_median"],
+        "tokens_per_s_total": batch * length * first["world_size"] * first["steps_per_s_mean"],
         "peak_mem_gib": None if None in mems else max(mems),
         "peak_mem_gib_per_rank": mems,
         "first_loss": first["first_loss"],
@@ -169,7 +169,7 @@ def launch(devices: int, args, work: Path) -> dict:
     row = {"devices": devices, "wall_s": round(time.perf_counter() - started, 1)}
     ranks = {int(p.stem[4:]): json.loads(p.read_text()) for p in out.glob("rank*.json")}
     ranks = [ranks.get(rank, {}) for rank in range(devices)]
-    if proc.returncode != 0 or any("world_size" not in r or "steps_per_s_median" not in r for r in ranks):
+    if proc.returncode != 0 or any("world_size" not in r or "steps_per_s_mean" not in r for r in ranks):
         row["error"] = f"{status} {proc.returncode}: {log[-3000:]}"
         return row
     row.update(summarise(ranks, *batch_shape(args.tiny)))

@@ -9,7 +9,8 @@
 
 small: `train.py experiment=lm_sft` with a random SmolLM2-135M-shaped model (576 wide, 30 layers, 9 heads,
 3 KV heads, vocab 49152; real weights change nothing here), steps/s from benchmarks/step_timer.py
-(median interval between training steps after a warm-up, Lightning included) and GPU busy fraction
+(after a warm-up, Lightning included: the median interval between steps, the host's pace, and the
+mean over the timed span, the throughput; they part when the host runs ahead and then stalls) and GPU busy fraction
 (torch profiler: union of kernel, memcpy and memset time / wall time over profiled steps; with the
 kernels per step and the top kernels). plain = `trainer=gpu`;
 fast = `model.kernels=fast trainer=gpu_fast` (SFT rows padded to a multiple of 64); fast+cudagraphs = fast with

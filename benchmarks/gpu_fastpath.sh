@@ -27,7 +27,7 @@ run() {  # section, time limit (s), script and its args
   grep '^{' "$OUT/$1.log" | $PY -c 'import json,sys
 for l in sys.stdin:
     r=json.loads(l); b=r.get("busy") or {}
-    print({k: (round(v,3) if isinstance(v,float) else v[-400:] if k=="error" else v) for k,v in r.items() if k in ("row","path","data","devices","world_size","tokens_per_s_total","speedup","efficiency","target","meets_target","steps_per_s_median","tokens_per_s","real_tokens_per_s","peak_mem_gib","first_loss","clips_per_s","seconds","true_length","kernels","error")} | ({"busy": round(b["gpu_busy_fraction"],3), "kernels_per_step": b.get("kernels_per_step")} if b else {}))'
+    print({k: (round(v,3) if isinstance(v,float) else v[-400:] if k=="error" else v) for k,v in r.items() if k in ("row","path","data","devices","world_size","tokens_per_s_total","speedup","efficiency","target","meets_target","steps_per_s_median","steps_per_s_mean","cudagraphs_recorded_while_timed","tokens_per_s","real_tokens_per_s","peak_mem_gib","first_loss","clips_per_s","seconds","true_length","kernels","error")} | ({"busy": round(b["gpu_busy_fraction"],3), "kernels_per_step": b.get("kernels_per_step")} if b else {}) | ({"stalls": g["stalls"], "stall_ms": round(g["stall_ms_total"])} if (g := r.get("gaps")) else {}))'
 }
 FP=benchmarks/fast_path.py
 [ "${SMALL_S:-300}" -gt 0 ] && run small "${SMALL_S:-300}" $FP small ${SMALL_ROWS:+--rows $SMALL_ROWS} ${SMALL_TIMEOUT:+--timeout $SMALL_TIMEOUT}

@@ -5,7 +5,9 @@
 
 steps/s: the median interval between consecutive `on_train_batch_end` calls after `warmup` steps (the
 whole loop: data loading, forward, backward, optimizer, logging, callbacks), and the mean over the same
-steps. The timer adds no host sync to a timed step (token counts stay on the device until the end), so
+steps (`steps_per_s_mean`, the throughput: when the host runs ahead of the GPU, the median is only the
+host's pace; `gaps` lists the stalls between the two, `cudagraphs_recorded_while_timed` the CUDA-graph
+re-recordings, `compile_counters` torch.compile's recompiles and skips). The timer adds no host sync to a timed step (token counts stay on the device until the end), so
 the host may run ahead of the GPU as it does in training. first_loss: the loss of the first step (one host
 sync). Tokens: non-pad tokens (attention mask) and all positions of the batches.
 
@@ -118,6 +120,59 @@ def cpu_hotspots(profiler, steps: int, top: int = TOP_KERNELS) -> dict:
     }
 
 
+def gap_summary(gaps: list[float], top: int = 10, stall_factor: float = 3.0) -> dict:
+    """Where the time between steps goes (`gaps` in seconds, in step order): median, p90, p99 and max in
+    ms, and the stalls, the gaps longer than `stall_factor` x the median, with their total and the `top`
+    largest as {"step": index in the timed window, "ms"}. When the host runs ahead of the GPU the median
+    is the host's pace and the mean (over the whole span) the throughput; stalls say what separates them
+    (one long gap: a recompile or a CUDA-graph re-recording; one every N steps: a sync every N steps)."""
+    if not gaps:
+        return {}
+    ordered = sorted(gaps)
+
+    def quantile(q: float) -> float:
+        return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))] * 1e3
+
+    threshold = stall_factor * statistics.median(gaps)
+    stalls = [(i, gap) for i, gap in enumerate(gaps) if gap > threshold]
+    largest = sorted(stalls, key=lambda item: item[1], reverse=True)[:top]
+    return {
+        "median_ms": statistics.median(gaps) * 1e3,
+        "p90_ms": quantile(0.9),
+        "p99_ms": quantile(0.99),
+        "max_ms": ordered[-1] * 1e3,
+        "stall_threshold_ms": threshold * 1e3,
+        "stalls": len(stalls),
+        "stall_ms_total": sum(gap for _, gap in stalls) * 1e3,
+        "largest_stalls": [{"step": i, "ms": gap * 1e3} for i, gap in sorted(largest)],
+    }
+
+
+def cudagraphs_recorded() -> int | None:
+    """CUDA graphs recorded so far by torch.compile's CUDA-graph trees on the current device (None when
+    no tree manager exists: no CUDA, or no `reduce-overhead` compile). A count that grows inside the timed
+    window means re-recordings, each one a stall."""
+    if not torch.cuda.is_available():
+        return None
+    try:
+        from torch._inductor import cudagraph_trees
+
+        manager = cudagraph_trees.get_manager(torch.cuda.current_device(), create_if_none_exists=False)
+    except Exception:  # a private API: its absence must not break a benchmark
+        return None
+    if manager is None:
+        return None
+    text = repr(manager.graph_counter)  # itertools.count(N): N graphs recorded; reading it must not bump it
+    return int(text[text.index("(") + 1 : text.rindex(")")])
+
+
+def compile_counters() -> dict:
+    """torch.compile's own counters (graph breaks, recompiles, CUDA-graph skips, ...), as plain dicts."""
+    from torch._dynamo.utils import counters
+
+    return {group: dict(values) for group, values in counters.items() if values}
+
+
 def token_counts(batch: dict) -> tuple[torch.Tensor | int, int]:
     """(real tokens, positions) of a batch without a host sync: the real-token count stays a device
     tensor (the attention mask's sum) until the run ends. An `int()` here each step made the host wait for
@@ -134,7 +189,7 @@ class StepTimer(L.Callback):
         self.ends: list[float] = []
         self.records: list[tuple[float, int, int]] = []  # (time, real tokens, positions) of timed steps
         self.profiler = None
-        self.profile_start = self.busy = self.first_loss = None
+        self.profile_start = self.busy = self.first_loss = self.graphs_at_start = None
 
     def _sync(self):
         if torch.cuda.is_available():
@@ -166,6 +221,8 @@ class StepTimer(L.Callback):
             self.busy.update(cpu_hotspots(self.profiler, self.profile_steps))
             self.profiler = None
         if step >= self.warmup + self.profile_steps:  # timed steps (the first one only opens the window)
+            if not self.records:
+                self.graphs_at_start = cudagraphs_recorded()
             self.records.append((time.perf_counter(), *token_counts(batch)))
 
     def on_train_end(self, trainer, pl_module):
@@ -173,6 +230,12 @@ class StepTimer(L.Callback):
         gaps = [b - a for a, b in zip(times, times[1:])]
         self.records = [(t, int(r), p) for t, r, p in self.records]  # the only reads of the device counts
         result = {"steps": len(gaps), "busy": self.busy, "first_loss": self.first_loss}
+        result["gaps"] = gap_summary(gaps)
+        graphs = cudagraphs_recorded()
+        result["cudagraphs_recorded"] = graphs
+        if graphs is not None and self.graphs_at_start is not None:
+            result["cudagraphs_recorded_while_timed"] = graphs - self.graphs_at_start
+        result["compile_counters"] = compile_counters()
         if gaps:
             span = times[-1] - times[0]
             result.update(
