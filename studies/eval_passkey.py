@@ -53,7 +53,7 @@ def build_trials(
     """Trials {length, index, key, depth, context}: context = intro + haystack with the needle inserted
     between filler pieces at `depth` (0 = start, 1 = end), sized so the raw prompt fits in `length` tokens."""
     pieces = pieces if pieces is not None else haystack_pieces()
-    costs = [len(tokenizer(" " + p, add_special_tokens=False)["input_ids"]) for p in pieces]
+    costs = piece_costs(tokenizer, pieces)
     rng = random.Random(seed)
     trials = []
     for length in lengths:
@@ -63,16 +63,7 @@ def build_trials(
             needle = NEEDLE.format(key=key)
             fixed = _raw_prompt(INTRO, "")
             budget = length - len(tokenizer(fixed + " " + needle, add_special_tokens=False)["input_ids"]) - 2
-            order = list(range(len(pieces)))
-            rng.shuffle(order)
-            chosen, used = [], 0
-            for i in order:
-                if used + costs[i] > budget:
-                    continue
-                chosen.append(pieces[i])
-                used += costs[i]
-                if budget - used < 8:
-                    break
+            chosen = choose_filler(pieces, costs, budget, rng)
             at = round(depth * len(chosen))
             haystack = " ".join(chosen[:at] + [needle] + chosen[at:])
             while len(chosen) > 1 and _raw_length(tokenizer, INTRO + haystack) > length:
@@ -92,6 +83,27 @@ def build_trials(
                 }
             )
     return trials
+
+
+def piece_costs(tokenizer, pieces: list[str]) -> list[int]:
+    """Tokens each filler piece adds to a haystack (joined with spaces, so each counted with one)."""
+    return [len(tokenizer(" " + p, add_special_tokens=False)["input_ids"]) for p in pieces]
+
+
+def choose_filler(pieces: list[str], costs: list[int], budget: int, rng: random.Random) -> list[str]:
+    """Filler pieces in a random order (one `rng.shuffle`) whose costs sum to at most `budget` tokens,
+    stopping once fewer than 8 tokens are left."""
+    order = list(range(len(pieces)))
+    rng.shuffle(order)
+    chosen, used = [], 0
+    for i in order:
+        if used + costs[i] > budget:
+            continue
+        chosen.append(pieces[i])
+        used += costs[i]
+        if budget - used < 8:
+            break
+    return chosen
 
 
 def _raw_length(tokenizer, context: str) -> int:

@@ -2,15 +2,26 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
+from pathlib import Path
 
 import pytest
 
+from data.text.demo_corpus import DEVIL_DICT
 from data.text.retrieval_sft import build_retrieval_sft, fortune_quotes
 from studies.arms import batch_overrides
 from studies.eval_generate import greedy_generate, paired_difference, wilson_interval
-from studies.eval_passkey import INTRO, NEEDLE, build_trials, evaluate_passkey, extract_key, prompt_ids
+from studies.eval_passkey import (
+    INTRO,
+    NEEDLE,
+    build_trials,
+    evaluate_passkey,
+    extract_key,
+    load_jsonl,
+    prompt_ids,
+)
 from studies.meap_passkey import make_arms, meap_token_ratio, parse_args
 from tests.hydra_utils import compose_train
 
@@ -54,6 +65,32 @@ def test_passkey_trials_fit_their_length_and_hide_the_key(tiny_lm):
     hay = [t["context"][len(INTRO) :] for t in trials]
     depths = [h.index(t["key"]) / len(h) for h, t in zip(hay, trials)]
     assert min(depths) < 0.3 and max(depths) > 0.7  # the needle moves through the haystack
+
+
+def test_passkey_trials_are_byte_identical_to_before_the_multikey_probe(tiny_lm):
+    """Pinned before studies/eval_multikey.py shared the filler selection: a resumed study folder must
+    keep evaluating the same single-key trials. If this fails, the single-key probe changed."""
+    _, tokenizer = tiny_lm
+    trials = build_trials(tokenizer, [96, 256], 5, seed=7, pieces=PIECES)
+    digest = hashlib.sha256(json.dumps(trials, sort_keys=True).encode()).hexdigest()
+    assert digest == "bee28318fe8ac3a3435ba3535910b6d22333e733cb76040aea8bee4da22ea0a3"
+    prompts = [prompt_ids(tokenizer, t, fmt) for t in trials for fmt in ("chat", "raw")]
+    digest = hashlib.sha256(json.dumps(prompts).encode()).hexdigest()
+    assert digest == "104e6fb477f9e23fd8250efb1919baa90f8e1e4773664f618e9f9267a5fe221a"
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not DEVIL_DICT.exists(), reason="needs the Debian package dict-devil")
+def test_study_passkey_trials_file_is_unchanged(tmp_path):
+    """The study's own data/passkey_trials.jsonl (SmolLM2 tokenizer, Devil's Dictionary, seed 0, 200 per
+    length at 256/1024/2048), as built before the multikey probe and carried to the GPU run."""
+    from studies.eval_passkey import haystack_pieces, save_jsonl
+    from studies.meap_passkey import _smollm2_tokenizer
+
+    trials = build_trials(_smollm2_tokenizer(), [256, 1024, 2048], 200, seed=0, pieces=haystack_pieces())
+    save_jsonl(trials, tmp_path / "passkey_trials.jsonl")
+    digest = hashlib.sha256((tmp_path / "passkey_trials.jsonl").read_bytes()).hexdigest()
+    assert digest == "05859fb6531236f67d7dddb5ea08fb83d9f25d2d67357185e00710321da976e6"
 
 
 def test_extract_key_takes_the_first_number():
@@ -126,18 +163,34 @@ def test_micro_batch_reaches_both_arms_and_a_non_divisor_is_refused(tmp_path, ca
 
 @pytest.mark.slow
 def test_study_smoke_runs_every_arm_writes_report_and_resumes(tmp_path):
+    """Pass-key probe alone first (a study folder from before the multikey probe), then both probes:
+    the second run trains and re-evaluates nothing it has, and adds the multikey block; a third resumes."""
     from studies.meap_passkey import main
 
-    report = main(["--out", str(tmp_path), "--smoke", "--micro-batch", "2"])  # 2 x 2 rows per step
-    text = report.read_text()
+    args = ["--out", str(tmp_path), "--smoke", "--micro-batch", "2"]  # 2 x 2 rows per step
+    text = main([*args, "--probes", "passkey"]).read_text()
     for name in ("base", "sft_s0", "meap_s0", "MEAP - SFT"):
         assert f"| {name}" in text
+    assert "## Pass-key accuracy, chat format" in text and "Multi-key" not in text
     assert (tmp_path / "passkey.png").exists()
     for arm in ("sft_s0", "meap_s0"):
         assert json.loads((tmp_path / arm / "results.json").read_text())["step"] == 4  # optimizer steps
         assert "trainer.accumulate_grad_batches=2" in (tmp_path / arm / "command.txt").read_text()
-    first = {p.name: p.stat().st_mtime for p in (tmp_path / "eval").iterdir()}
-    main(
-        ["--out", str(tmp_path), "--smoke", "--micro-batch", "2"]
-    )  # resumes: nothing retrained or re-evaluated
-    assert {p.name: p.stat().st_mtime for p in (tmp_path / "eval").iterdir()} == first
+    mtimes = lambda: {p.relative_to(tmp_path): p.stat().st_mtime for p in tmp_path.glob("*/*.json*")}  # noqa: E731
+    first = mtimes()
+
+    text = main(args).read_text()  # default: both probes
+    blocks = text.split("## Multi-key (3 needles) accuracy")
+    assert "## Pass-key accuracy, chat format" in blocks[0] and len(blocks) == 3  # chat and raw blocks
+    assert blocks[1].count("| MEAP - SFT, seed 0") == 1 and "Confuser answers (chat)" in blocks[1]
+    assert re.search(r"\| meap_s0 \| \d+/6 \(\d+\.\d%\) \| \d+/6 \(", blocks[1])  # 6 trials, 128 and 256 tok
+    assert (tmp_path / "multikey.png").exists()
+    assert len(load_jsonl(tmp_path / "data" / "multikey_trials.jsonl")) == 12
+    second = mtimes()
+    assert {k: v for k, v in second.items() if k in first} == first  # nothing retrained or re-evaluated
+    assert set(second) - set(first) == {
+        Path(f"eval/{m}_multikey_{f}.jsonl") for m in ("base", "sft_s0", "meap_s0") for f in ("chat", "raw")
+    } | {Path("data/multikey_trials.jsonl")}
+
+    main(args)  # resumes: nothing retrained or re-evaluated
+    assert mtimes() == second
