@@ -86,7 +86,23 @@ def train_py(overrides: list[str], out: Path, timeout: int) -> dict:
         row["error"] = (proc.stdout + proc.stderr)[-3000:]
         return row
     row.update(json.loads(out.read_text()))
+    stalls = Path(f"{out}.stalls.txt")
+    if stalls.exists():  # StepTimer(stall_trace_s=...): the stacks of the steps that stalled
+        row["stall_stacks"] = stall_stacks(stalls.read_text())
     return row
+
+
+def stall_stacks(text: str, keep: int = 4, chars: int = 4000) -> list[str]:
+    """The first `keep` faulthandler dumps of a `.stalls.txt` (each cut to `chars`), with the step line
+    that precedes each one; the step lines of steps that did not stall are dropped."""
+    dumps = []
+    for block in text.split("--- step "):
+        if not block.strip():
+            continue
+        header, _, body = block.partition("\n")
+        if "Timeout" in body:
+            dumps.append(f"step {header.split()[0]}: {body[:chars]}")
+    return dumps[:keep]
 
 
 def benchmark_corpus(path: Path, copies: int) -> Path:
@@ -145,6 +161,8 @@ def small(args) -> list[dict]:
             f"+callbacks.step_timer.warmup={warmup}",
             f"+callbacks.step_timer.profile_steps={profile}",
         ]
+        if not args.tiny:  # a step 1 s or longer dumps its Python stacks (the B=32 row stalled, 2026-11-29)
+            timer.append("+callbacks.step_timer.stall_trace_s=1.0")
         overrides = [*common, *config, *extra, f"trainer.max_steps={steps}", *timer]
         overrides.append(f"hydra.run.dir={work / f'run_{len(rows)}'}")
         row = {"path": kind, "data": data, **train_py(overrides, out, timeout=args.timeout)}

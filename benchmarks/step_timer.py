@@ -26,6 +26,7 @@ ranges by CPU time (`cpu_ranges`), per profiled step.
 
 from __future__ import annotations
 
+import faulthandler
 import json
 import statistics
 import tempfile
@@ -184,8 +185,11 @@ def token_counts(batch: dict) -> tuple[torch.Tensor | int, int]:
 
 
 class StepTimer(L.Callback):
-    def __init__(self, out: str, warmup: int = 10, profile_steps: int = 0):
+    def __init__(self, out: str, warmup: int = 10, profile_steps: int = 0, stall_trace_s: float = 0.0):
+        """stall_trace_s > 0: a timed step that takes longer dumps every thread's Python stack (faulthandler)
+        to `<out>.stalls.txt`, so a stall names the code it sat in."""
         self.out, self.warmup, self.profile_steps = out, warmup, profile_steps
+        self.stall_trace_s, self.stall_file = stall_trace_s, None
         self.ends: list[float] = []
         self.records: list[tuple[float, int, int]] = []  # (time, real tokens, positions) of timed steps
         self.profiler = None
@@ -197,6 +201,12 @@ class StepTimer(L.Callback):
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         step = len(self.ends)
+        if self.stall_trace_s > 0 and step >= self.warmup + self.profile_steps:
+            if self.stall_file is None:
+                self.stall_file = open(f"{self.out}.stalls.txt", "w")  # noqa: SIM115 (closed at train end)
+            self.stall_file.write(f"--- step {step - self.warmup - self.profile_steps} of the timed window\n")
+            self.stall_file.flush()
+            faulthandler.dump_traceback_later(self.stall_trace_s, file=self.stall_file)
         if self.profile_steps and step == self.warmup and torch.cuda.is_available():
             self._sync()
             self.profiler = torch.profiler.profile(
@@ -206,6 +216,8 @@ class StepTimer(L.Callback):
             self.profile_start = time.perf_counter()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if self.stall_file is not None:
+            faulthandler.cancel_dump_traceback_later()
         step = len(self.ends)
         self.ends.append(time.perf_counter())
         if step == 0:  # the first step's loss (same seed and batch): plain and fast rows must agree
@@ -226,6 +238,9 @@ class StepTimer(L.Callback):
             self.records.append((time.perf_counter(), *token_counts(batch)))
 
     def on_train_end(self, trainer, pl_module):
+        if self.stall_file is not None:
+            faulthandler.cancel_dump_traceback_later()
+            self.stall_file.close()
         times = [t for t, _, _ in self.records]
         gaps = [b - a for a, b in zip(times, times[1:])]
         self.records = [(t, int(r), p) for t, r, p in self.records]  # the only reads of the device counts

@@ -1,6 +1,7 @@
 """benchmarks/step_timer.py: GPU busy from a Chrome trace counts kernels, memcpy and memset only."""
 
 import json
+import time
 
 import lightning as L
 import pytest
@@ -150,3 +151,32 @@ def test_gap_summary_finds_the_stalls_that_separate_mean_from_median():
     assert summary["stalls"] == 2 and summary["stall_ms_total"] == pytest.approx(2500.0)
     assert summary["largest_stalls"] == [{"step": 7, "ms": pytest.approx(2000.0)}]
     assert gap_summary([]) == {}
+
+
+class SleepyModule(TinyModule):
+    """Step 6 sleeps: a stall the timer must attribute to this function."""
+
+    def training_step(self, batch, batch_idx):
+        if batch_idx == 6:
+            time.sleep(0.6)
+        return super().training_step(batch, batch_idx)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU path")
+def test_a_stalled_step_is_counted_and_its_stack_written(tmp_path):
+    batches = [{"input_ids": torch.arange(8).reshape(2, 4) + i} for i in range(10)]
+    out = tmp_path / "speed.json"
+    trainer = L.Trainer(
+        accelerator="cpu",
+        max_steps=10,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[StepTimer(str(out), warmup=2, stall_trace_s=0.3)],
+    )
+    trainer.fit(SleepyModule(), train_dataloaders=torch.utils.data.DataLoader(batches, batch_size=None))
+    gaps = json.loads(out.read_text())["gaps"]
+    assert gaps["stalls"] == 1 and gaps["max_ms"] > 500
+    stacks = (tmp_path / "speed.json.stalls.txt").read_text()
+    assert stacks.count("Timeout") == 1 and "training_step" in stacks and "test_step_timer.py" in stacks
