@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # The GPU queue on ONE lent H200 (docs/results.md), in back-to-back device calls that stage the real
 # SmolLM2 weights part by part (each call carries what its phase names; see studies/gpu_env.sh):
-#   phase 1  carry .whl .gpu .stage/smollm2/part00  -> fast-path benchmark, SmolLM2 shape (foreground:
-#            plain, whole-decoder and per-layer CUDA graphs at B=8; the B=32 rows 3,7 need a call of their
-#            own: SMALL_ROWS=3,7 SMALL_S=560 SMALL_TIMEOUT=480, the whole-decoder compile takes minutes)
+#   phase 1  carry .whl .gpu .stage/smollm2/part00  -> fast-path benchmark, SmolLM2 shape (foreground;
+#            default rows 6,7: the whole decoder as one CUDA graph at B=8 and at B=32, T=256, each step over
+#            1 s dumping its Python stacks; SMALL_ROWS=0,3 for the plain rows they compare with)
 #   phase 2  carry .stage/smollm2/part01 .gpu2      -> SmolLM2 installed, corpus and MEAP data unpacked;
 #                                                      studies start detached, then wait like phase 3
 #   phase 3  (nothing)                               -> wait up to WAIT_S, then pack results into $OUT
@@ -12,7 +12,7 @@
 # Build them here (they are git-ignored):
 #   mkdir -p .gpu2 && tar czf .gpu2/pd_text.tgz -C artifacts/data pd_text      # after one data=pd_text run
 #   python studies/meap_passkey.py --out /tmp/meap --prepare-only && tar czf .gpu2/meap_data.tgz -C /tmp/meap data
-# STUDIES picks what phase 2 starts (default "3 4b", the queue's next items): 1 decorr_text, 5 adl_robustness
+# STUDIES picks what phase 2 starts (default "3 5b", the queue's next items): 1 decorr_text, 5 adl_robustness
 # (sharing study 1's baseline arm), 5b adl_robustness at lower weights with its own baseline, 4 leaf_vs_kd,
 # 4b leaf_vs_kd with confounding distractors and stage 1 on the KD student, 3 meap_passkey; CHAIN=1 runs
 # them one after another in one job (memory-heavy studies: 3 and 4 side by side ran out of memory). Every call ends by packing what exists, so a machine
@@ -55,8 +55,8 @@ export TOKENIZER=$S/gpu/tokenizer SFT_FILE=$S/gpu/demo_sft_train.jsonl
 case $phase in
 1)
   nvidia-smi -L
-  SMALL_S=${SMALL_S:-400} SMALL_ROWS=${SMALL_ROWS:-0,6,4} LM1B_S=0 PACK_S=0 AVSR_S=0 OUT=$OUT/bench \
-    bash benchmarks/gpu_fastpath.sh
+  SMALL_S=${SMALL_S:-560} SMALL_ROWS=${SMALL_ROWS:-6,7} SMALL_TIMEOUT=${SMALL_TIMEOUT:-300} LM1B_S=0 PACK_S=0 \
+    AVSR_S=0 OUT=$OUT/bench bash benchmarks/gpu_fastpath.sh
   ;;
 2)
   mkdir -p artifacts/data && tar xzf .gpu2/pd_text.tgz -C artifacts/data && ls artifacts/data/pd_text
@@ -64,7 +64,7 @@ case $phase in
   export UNSINK_ARMS_PER_GPU=8  # every arm of a study at once on the one GPU (launch-bound models)
   export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True  # less fragmentation with several arms per GPU
   chain=""
-  for study in ${STUDIES:-3 4b}; do
+  for study in ${STUDIES:-3 5b}; do
     case $study in
       1) cmd="python3 studies/decorr_text.py --weights ${DECORR_WEIGHTS:-10,100} --out $S/decorr_text" ;;
       5) cmd="python3 studies/adl_robustness.py --out $S/adl_robustness --baseline-from $S/decorr_text/baseline" ;;
