@@ -50,6 +50,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.host_profile import pyspy_prefix, summarise_samples  # noqa: E402
 from benchmarks.step_timer import StepTimer  # noqa: E402
 from models.segments import IGNORE_INDEX  # noqa: E402
 
@@ -68,8 +69,10 @@ def _text(output: str | bytes | None) -> str:
     return output.decode(errors="replace") if isinstance(output, bytes) else output or ""
 
 
-def train_py(overrides: list[str], out: Path, timeout: int) -> dict:
-    command = [sys.executable, "train.py", *overrides]
+def train_py(overrides: list[str], out: Path, timeout: int, spy: Path | None = None) -> dict:
+    """One timed `train.py` run -> its StepTimer JSON as a row (an error row on failure or timeout); with
+    `spy`, sampled by py-spy into that file and summarised as `host_profile`."""
+    command = [*(pyspy_prefix(spy) if spy else []), sys.executable, "train.py", *overrides]
     started = time.perf_counter()
     row = {"command": "python train.py " + " ".join(overrides)}
     try:
@@ -83,12 +86,16 @@ def train_py(overrides: list[str], out: Path, timeout: int) -> dict:
         }
     row["wall_s"] = time.perf_counter() - started
     if proc.returncode != 0 or not out.exists():
+        if spy is not None and not out.exists():  # py-spy may be refused (ptrace): the timing still counts
+            return {**train_py(overrides, out, timeout), "py_spy_error": (proc.stdout + proc.stderr)[-1500:]}
         row["error"] = (proc.stdout + proc.stderr)[-3000:]
         return row
     row.update(json.loads(out.read_text()))
     stalls = Path(f"{out}.stalls.txt")
     if stalls.exists():  # StepTimer(stall_trace_s=...): the stacks of the steps that stalled
         row["stall_stacks"] = stall_stacks(stalls.read_text())
+    if spy is not None and spy.exists():
+        row["host_profile"] = summarise_samples(spy.read_text(), top=25)
     return row
 
 
@@ -165,7 +172,8 @@ def small(args) -> list[dict]:
             timer.append("+callbacks.step_timer.stall_trace_s=1.0")
         overrides = [*common, *config, *extra, f"trainer.max_steps={steps}", *timer]
         overrides.append(f"hydra.run.dir={work / f'run_{len(rows)}'}")
-        row = {"path": kind, "data": data, **train_py(overrides, out, timeout=args.timeout)}
+        spy = work / f"row_{len(rows)}.spy.txt" if args.py_spy else None
+        row = {"path": kind, "data": data, **train_py(overrides, out, timeout=args.timeout, spy=spy)}
         print(json.dumps({k: v for k, v in row.items() if k != "command"}), flush=True)
         rows.append(row)
     return rows
@@ -556,6 +564,11 @@ def main(argv=None):
         "avsr: shape:seconds:true_length:kernels (demo:8:1:fast)",
     )
     parser.add_argument("--timeout", type=int, default=240, help="seconds per train.py run")
+    parser.add_argument(
+        "--py-spy",
+        action="store_true",
+        help="small: sample each run's Python stacks (benchmarks/host_profile.py)",
+    )
     args = parser.parse_args(argv)
     args.steps = args.steps or (2 if args.tiny else 8)
     args.warmup = args.warmup if args.warmup is not None else (1 if args.tiny else 3)

@@ -3,7 +3,8 @@
 # SmolLM2 weights part by part (each call carries what its phase names; see studies/gpu_env.sh):
 #   phase 1  carry .whl .gpu .stage/smollm2/part00  -> fast-path benchmark, SmolLM2 shape (foreground;
 #            default rows 6,7: the whole decoder as one CUDA graph at B=8 and at B=32, T=256, each step over
-#            1 s dumping its Python stacks; SMALL_ROWS=0,3 for the plain rows they compare with)
+#            1 s dumping its Python stacks, py-spy sampling the host side (SMALL_PYSPY= turns it off);
+#            SMALL_ROWS=0,3 for the plain rows they compare with)
 #   phase 2  carry .stage/smollm2/part01 .gpu2      -> SmolLM2 installed, corpus and MEAP data unpacked;
 #                                                      studies start detached, then wait like phase 3
 #   phase 3  (nothing)                               -> wait up to WAIT_S, then pack results into $OUT
@@ -55,7 +56,7 @@ export TOKENIZER=$S/gpu/tokenizer SFT_FILE=$S/gpu/demo_sft_train.jsonl
 case $phase in
 1)
   nvidia-smi -L
-  SMALL_S=${SMALL_S:-560} SMALL_ROWS=${SMALL_ROWS:-6,7} SMALL_TIMEOUT=${SMALL_TIMEOUT:-300} LM1B_S=0 PACK_S=0 \
+  SMALL_S=${SMALL_S:-560} SMALL_ROWS=${SMALL_ROWS:-6,7} SMALL_TIMEOUT=${SMALL_TIMEOUT:-300} SMALL_PYSPY=${SMALL_PYSPY-1} LM1B_S=0 PACK_S=0 \
     AVSR_S=0 OUT=$OUT/bench bash benchmarks/gpu_fastpath.sh
   ;;
 2)
