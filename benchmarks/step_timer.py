@@ -201,12 +201,6 @@ class StepTimer(L.Callback):
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         step = len(self.ends)
-        if self.stall_trace_s > 0 and step >= self.warmup + self.profile_steps:
-            if self.stall_file is None:
-                self.stall_file = open(f"{self.out}.stalls.txt", "w")  # noqa: SIM115 (closed at train end)
-            self.stall_file.write(f"--- step {step - self.warmup - self.profile_steps} of the timed window\n")
-            self.stall_file.flush()
-            faulthandler.dump_traceback_later(self.stall_trace_s, file=self.stall_file)
         if self.profile_steps and step == self.warmup and torch.cuda.is_available():
             self._sync()
             self.profiler = torch.profiler.profile(
@@ -236,6 +230,17 @@ class StepTimer(L.Callback):
             if not self.records:
                 self.graphs_at_start = cudagraphs_recorded()
             self.records.append((time.perf_counter(), *token_counts(batch)))
+            if self.stall_trace_s > 0:
+                self._arm_stall_trace(len(self.records) - 1)
+
+    def _arm_stall_trace(self, gap: int) -> None:
+        """Dump the stacks if the gap from this step's end to the next one's (the interval `gaps[gap]`
+        of the summary: data loading, logging and callbacks included) outlasts `stall_trace_s`."""
+        if self.stall_file is None:
+            self.stall_file = open(f"{self.out}.stalls.txt", "w")  # noqa: SIM115 (closed at train end)
+        self.stall_file.write(f"--- step {gap} of the timed window\n")
+        self.stall_file.flush()
+        faulthandler.dump_traceback_later(self.stall_trace_s, file=self.stall_file)
 
     def on_train_end(self, trainer, pl_module):
         if self.stall_file is not None:

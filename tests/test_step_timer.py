@@ -180,3 +180,7 @@ def test_a_stalled_step_is_counted_and_its_stack_written(tmp_path):
     assert gaps["stalls"] == 1 and gaps["max_ms"] > 500
     stacks = (tmp_path / "speed.json.stalls.txt").read_text()
     assert stacks.count("Timeout") == 1 and "training_step" in stacks and "test_step_timer.py" in stacks
+    from benchmarks.fast_path import stall_stacks
+
+    stalled = gaps["largest_stalls"][0]["step"]  # the dump names the same gap as the summary
+    assert stall_stacks(stacks)[0].startswith(f"step {stalled}:")
