@@ -38,6 +38,7 @@ import gc
 import json
 import math
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -76,7 +77,7 @@ def train_py(overrides: list[str], out: Path, timeout: int, spy: Path | None = N
     started = time.perf_counter()
     row = {"command": "python train.py " + " ".join(overrides)}
     try:
-        proc = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+        proc = run_in_group(command, timeout)
     except subprocess.TimeoutExpired as err:  # one slow row (a long compile) must not lose the others
         tail = "".join(_text(part) for part in (err.stdout, err.stderr))[-3000:]
         return {
@@ -97,6 +98,22 @@ def train_py(overrides: list[str], out: Path, timeout: int, spy: Path | None = N
     if spy is not None and spy.exists():
         row["host_profile"] = summarise_samples(spy.read_text(), top=25)
     return row
+
+
+def run_in_group(command: list[str], timeout: int) -> subprocess.CompletedProcess:
+    """`subprocess.run` in a new process group, the whole group killed on timeout: under py-spy the row's
+    train.py is a grandchild, and killing only py-spy would leave it running (and holding the GPU) while
+    the next rows are timed."""
+    with subprocess.Popen(
+        command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    ) as proc:
+        try:
+            stdout, stderr = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            stdout, stderr = proc.communicate()
+            raise subprocess.TimeoutExpired(command, timeout, output=stdout, stderr=stderr) from None
+    return subprocess.CompletedProcess(command, proc.returncode, stdout, stderr)
 
 
 def stall_stacks(text: str, keep: int = 4, chars: int = 4000) -> list[str]:

@@ -67,3 +67,31 @@ def test_pyspy_prefix_names_the_missing_tool(monkeypatch, tmp_path):
     monkeypatch.setattr(host_profile, "PYSPY_FALLBACK", tmp_path / "absent")
     with pytest.raises(FileNotFoundError, match="pip install py-spy"):
         pyspy_prefix(tmp_path / "out.txt")
+
+
+def test_a_timed_out_row_leaves_no_grandchild_running(tmp_path):
+    """The row's process group dies on timeout: a grandchild (train.py under py-spy) must not outlive it."""
+    import subprocess
+    import time
+
+    from benchmarks.fast_path import run_in_group
+
+    pid_file = tmp_path / "grandchild.pid"
+    with pytest.raises(subprocess.TimeoutExpired):
+        run_in_group(["bash", "-c", f"sleep 30 & echo $! > {pid_file}; wait"], timeout=1)
+    grandchild = int(pid_file.read_text())
+    deadline = time.monotonic() + 3
+    while running(grandchild) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not running(grandchild)
+
+
+def running(pid: int) -> bool:
+    """The process exists and is not a zombie (killed, waiting for its new parent to reap it)."""
+    from pathlib import Path
+
+    stat = Path(f"/proc/{pid}/stat")
+    try:
+        return stat.read_text().rsplit(")", 1)[-1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
