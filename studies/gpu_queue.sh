@@ -8,6 +8,8 @@
 #   phase 2  carry .stage/smollm2/part01 .gpu2      -> SmolLM2 installed, corpus and MEAP data unpacked;
 #                                                      studies start detached, then wait like phase 3
 #   phase 3  (nothing)                               -> wait up to WAIT_S, then pack results into $OUT
+#   phase stage  carry .stage/whisper/part00 .debs, then .stage/whisper/part01 (two calls: Whisper tiny.en and
+#            flite for study 2, beside the SmolLM2 phases; each call only stages, in seconds)
 # .gpu: tokenizer/ + demo_sft_train.jsonl (benchmarks); .gpu2: pd_text.tgz (artifacts/data/pd_text) and
 # meap_data.tgz (`studies/meap_passkey.py --prepare-only`'s data/ folder: its haystacks need Debian text).
 # Build them here (they are git-ignored):
@@ -15,7 +17,8 @@
 #   python studies/meap_passkey.py --out /tmp/meap --prepare-only && tar czf .gpu2/meap_data.tgz -C /tmp/meap data
 # STUDIES picks what phase 2 starts (default "3 5b", the queue's next items): 1 decorr_text, 5 adl_robustness
 # (sharing study 1's baseline arm), 5b adl_robustness at lower weights with its own baseline, 4 leaf_vs_kd,
-# 4b leaf_vs_kd with confounding distractors and stage 1 on the KD student, 3 meap_passkey; CHAIN=1 runs
+# 4b leaf_vs_kd with confounding distractors and stage 1 on the KD student, 3 meap_passkey, 2 asr_downsampling
+# (its x4 baseline alone on 16,000 clips first: needs the `stage` calls; ASR_ARGS replaces its arguments); CHAIN=1 runs
 # them one after another in one job (memory-heavy studies: 3 and 4 side by side ran out of memory). Every call ends by packing what exists, so a machine
 # taken back mid-run still returns each arm's CSV log and sink measurements of the calls before.
 # Long jobs start with setsid, so they outlive the call that started them while the machine stays held
@@ -38,7 +41,8 @@ collect() {  # every arm's logs, sinks and reports so far -> $OUT/results.tgz
   nvidia-smi --query-gpu=index,utilization.gpu,memory.used --format=csv,noheader
   (cd $S && tar czf "$OUT/results.tgz" --exclude='*.ckpt' --exclude='adapter' --exclude='*.safetensors' \
     --exclude='data' --exclude='wandb' --exclude='merged' --exclude='student_model' \
-    logs $(ls -d decorr_text adl_robustness adl_robustness_low leaf_vs_kd leaf_vs_kd_b meap_passkey 2>/dev/null))
+    logs $(ls -d decorr_text adl_robustness adl_robustness_low leaf_vs_kd leaf_vs_kd_b meap_passkey asr_downsampling \
+      2>/dev/null))
   ls -la "$OUT"
 }
 wait_jobs() {  # up to $1 seconds, or until every started job has an exit code
@@ -73,6 +77,7 @@ case $phase in
       4) cmd="python3 studies/leaf_vs_kd.py --out $S/leaf_vs_kd --micro-batch 32" ;;
       4b) cmd="python3 studies/leaf_vs_kd.py --out $S/leaf_vs_kd_b --distractors same-item --stage1-student kd --micro-batch 32" ;;
       3) cmd="python3 studies/meap_passkey.py --out $S/meap_passkey --micro-batch 8" ;;
+      2) cmd="python3 studies/asr_downsampling.py --out $S/asr_downsampling ${ASR_ARGS:---only x4_base_s0 --num-train 16000 --steps 3000 --val-every 500}" ;;
       *) echo "[queue] unknown study $study"; continue ;;
     esac
     # CHAIN=1: one job runs the studies one after another (memory-heavy arms: studies 3 and 4 together
@@ -86,5 +91,11 @@ case $phase in
 3)
   wait_jobs "${WAIT_S:-540}"
   collect
+  ;;
+stage)  # gpu_env.sh above has copied the carried parts and installed what is complete
+  ls /tmp/stage/*/ 2>/dev/null; command -v flite || echo "[queue] flite not unpacked (carry .debs)"
+  ;;
+*)
+  echo "[queue] unknown phase $phase (1, 2, 3 or stage)"; exit 2
   ;;
 esac
