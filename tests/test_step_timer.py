@@ -110,10 +110,9 @@ class TinyModule(L.LightningModule):
         return torch.optim.AdamW(self.parameters(), lr=1e-3)
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU path")
-def test_step_timer_on_cpu_reports_no_busy(tmp_path):
+def fit_timed(module: L.LightningModule, out, **timer) -> dict:
+    """10 CPU steps of `module` under a StepTimer(out, **timer); its JSON."""
     batches = [{"input_ids": torch.arange(8).reshape(2, 4) + i} for i in range(10)]
-    out = tmp_path / "speed.json"
     trainer = L.Trainer(
         accelerator="cpu",
         max_steps=10,
@@ -121,10 +120,15 @@ def test_step_timer_on_cpu_reports_no_busy(tmp_path):
         enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,
-        callbacks=[StepTimer(str(out), warmup=2, profile_steps=3)],
+        callbacks=[StepTimer(str(out), **timer)],
     )
-    trainer.fit(TinyModule(), train_dataloaders=torch.utils.data.DataLoader(batches, batch_size=None))
-    result = json.loads(out.read_text())
+    trainer.fit(module, train_dataloaders=torch.utils.data.DataLoader(batches, batch_size=None))
+    return json.loads(out.read_text())
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU path")
+def test_step_timer_on_cpu_reports_no_busy(tmp_path):
+    result = fit_timed(TinyModule(), tmp_path / "speed.json", warmup=2, profile_steps=3)
     assert result["busy"] is None and result["steps"] == 4 and result["first_loss"] > 0
     assert result["gaps"]["median_ms"] > 0 and result["cudagraphs_recorded"] is None
     assert isinstance(result["compile_counters"], dict)
@@ -164,19 +168,7 @@ class SleepyModule(TinyModule):
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU path")
 def test_a_stalled_step_is_counted_and_its_stack_written(tmp_path):
-    batches = [{"input_ids": torch.arange(8).reshape(2, 4) + i} for i in range(10)]
-    out = tmp_path / "speed.json"
-    trainer = L.Trainer(
-        accelerator="cpu",
-        max_steps=10,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        callbacks=[StepTimer(str(out), warmup=2, stall_trace_s=0.3)],
-    )
-    trainer.fit(SleepyModule(), train_dataloaders=torch.utils.data.DataLoader(batches, batch_size=None))
-    gaps = json.loads(out.read_text())["gaps"]
+    gaps = fit_timed(SleepyModule(), tmp_path / "speed.json", warmup=2, stall_trace_s=0.3)["gaps"]
     assert gaps["stalls"] == 1 and gaps["max_ms"] > 500
     stacks = (tmp_path / "speed.json.stalls.txt").read_text()
     assert stacks.count("Timeout") == 1 and "training_step" in stacks and "test_step_timer.py" in stacks
