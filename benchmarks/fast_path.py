@@ -52,7 +52,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.host_profile import pyspy_prefix, summarise_samples  # noqa: E402
-from benchmarks.step_timer import StepTimer  # noqa: E402
+from benchmarks.step_timer import StepTimer, stall_stacks  # noqa: E402
 from models.segments import IGNORE_INDEX  # noqa: E402
 
 # Every shape names vocab_size (random_llama reads it): None = the tokenizer's length (SmolLM2's: 49152).
@@ -114,19 +114,6 @@ def run_in_group(command: list[str], timeout: int) -> subprocess.CompletedProces
             stdout, stderr = proc.communicate()
             raise subprocess.TimeoutExpired(command, timeout, output=stdout, stderr=stderr) from None
     return subprocess.CompletedProcess(command, proc.returncode, stdout, stderr)
-
-
-def stall_stacks(text: str, keep: int = 4, chars: int = 4000) -> list[str]:
-    """The first `keep` faulthandler dumps of a `.stalls.txt` (each cut to `chars`), with the step line
-    that precedes each one; the step lines of steps that did not stall are dropped."""
-    dumps = []
-    for block in text.split("--- step "):
-        if not block.strip():
-            continue
-        header, _, body = block.partition("\n")
-        if "Timeout" in body:
-            dumps.append(f"step {header.split()[0]}: {body[:chars]}")
-    return dumps[:keep]
 
 
 def benchmark_corpus(path: Path, copies: int) -> Path:

@@ -59,11 +59,7 @@ def summarise_samples(
     def ranked(counter: Counter[str]) -> list[dict]:
         return [{"frame": k, "share": v / total} for k, v in counter.most_common(top)]
 
-    return {
-        "samples": total,
-        "inclusive": ranked(inclusive) if total else [],
-        "self": ranked(leaf) if total else [],
-    }
+    return {"samples": total, "inclusive": ranked(inclusive), "self": ranked(leaf)}  # no samples: empty lists
 
 
 def pyspy_prefix(out: Path, rate: int = 100) -> list[str]:

@@ -134,11 +134,12 @@ def gap_summary(gaps: list[float], top: int = 10, stall_factor: float = 3.0) -> 
     def quantile(q: float) -> float:
         return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))] * 1e3
 
-    threshold = stall_factor * statistics.median(gaps)
+    median = statistics.median(gaps)
+    threshold = stall_factor * median
     stalls = [(i, gap) for i, gap in enumerate(gaps) if gap > threshold]
     largest = sorted(stalls, key=lambda item: item[1], reverse=True)[:top]
     return {
-        "median_ms": statistics.median(gaps) * 1e3,
+        "median_ms": median * 1e3,
         "p90_ms": quantile(0.9),
         "p99_ms": quantile(0.99),
         "max_ms": ordered[-1] * 1e3,
@@ -147,6 +148,19 @@ def gap_summary(gaps: list[float], top: int = 10, stall_factor: float = 3.0) -> 
         "stall_ms_total": sum(gap for _, gap in stalls) * 1e3,
         "largest_stalls": [{"step": i, "ms": gap * 1e3} for i, gap in sorted(largest)],
     }
+
+
+def stall_stacks(text: str, keep: int = 4, chars: int = 4000) -> list[str]:
+    """The first `keep` faulthandler dumps of a `.stalls.txt` (written by `StepTimer._arm_stall_trace`) (each cut to `chars`), with the step line
+    that precedes each one; the step lines of steps that did not stall are dropped."""
+    dumps = []
+    for block in text.split("--- step "):
+        if not block.strip():
+            continue
+        header, _, body = block.partition("\n")
+        if "Timeout" in body:
+            dumps.append(f"step {header.split()[0]}: {body[:chars]}")
+    return dumps[:keep]
 
 
 def cudagraphs_recorded() -> int | None:

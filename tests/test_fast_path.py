@@ -265,20 +265,3 @@ def test_benchmark_row_that_times_out_becomes_an_error_row(tmp_path):
     row = train_py(["experiment=lm_sft", "debug=smoke"], tmp_path / "never.json", timeout=1)
     assert row["error"].startswith("timed out after 1 s")
     assert row["wall_s"] >= 1 and row["command"].startswith("python train.py experiment=lm_sft")
-
-
-def test_stall_stacks_keep_only_the_steps_that_stalled():
-    """benchmarks/fast_path.py: a row's `.stalls.txt` (a step line per timed step, a faulthandler dump
-    after the ones that outlasted `stall_trace_s`) becomes the stalled steps' stacks, in order."""
-    from benchmarks.fast_path import stall_stacks
-
-    text = (
-        "--- step 0 of the timed window\n--- step 1 of the timed window\n"
-        'Timeout (0:00:01)!\nThread 0x1 (most recent call first):\n  File "a.py", line 3 in replay\n'
-        "--- step 2 of the timed window\n--- step 3 of the timed window\n"
-        'Timeout (0:00:01)!\nThread 0x1 (most recent call first):\n  File "b.py", line 9 in record\n'
-    )
-    stacks = stall_stacks(text)
-    assert [s.split(":")[0] for s in stacks] == ["step 1", "step 3"]
-    assert "replay" in stacks[0] and "record" in stacks[1]
-    assert len(stall_stacks(text, keep=1, chars=20)[0]) <= len("step 1: ") + 20

@@ -12,6 +12,7 @@ from benchmarks.step_timer import (
     cpu_hotspots,
     device_activity,
     profiled_activity,
+    stall_stacks,
     union_length,
 )
 
@@ -172,7 +173,20 @@ def test_a_stalled_step_is_counted_and_its_stack_written(tmp_path):
     assert gaps["stalls"] == 1 and gaps["max_ms"] > 500
     stacks = (tmp_path / "speed.json.stalls.txt").read_text()
     assert stacks.count("Timeout") == 1 and "training_step" in stacks and "test_step_timer.py" in stacks
-    from benchmarks.fast_path import stall_stacks
-
     stalled = gaps["largest_stalls"][0]["step"]  # the dump names the same gap as the summary
     assert stall_stacks(stacks)[0].startswith(f"step {stalled}:")
+
+
+def test_stall_stacks_keep_only_the_steps_that_stalled():
+    """A row's `.stalls.txt` (a step line per timed step, a faulthandler dump
+    after the ones that outlasted `stall_trace_s`) becomes the stalled steps' stacks, in order."""
+    text = (
+        "--- step 0 of the timed window\n--- step 1 of the timed window\n"
+        'Timeout (0:00:01)!\nThread 0x1 (most recent call first):\n  File "a.py", line 3 in replay\n'
+        "--- step 2 of the timed window\n--- step 3 of the timed window\n"
+        'Timeout (0:00:01)!\nThread 0x1 (most recent call first):\n  File "b.py", line 9 in record\n'
+    )
+    stacks = stall_stacks(text)
+    assert [s.split(":")[0] for s in stacks] == ["step 1", "step 3"]
+    assert "replay" in stacks[0] and "record" in stacks[1]
+    assert len(stall_stacks(text, keep=1, chars=20)[0]) <= len("step 1: ") + 20
