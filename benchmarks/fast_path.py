@@ -149,6 +149,7 @@ def small(args) -> list[dict]:
     whole = [] if args.tiny else ["model.fast.compile=model"]
     pad = ["data.pad_to_multiple_of=64"]  # two lengths (64, 128): two compiled graphs, not one per length
     big = ["data.batch_size=32", "data.max_length=256"]
+    gc = ["callbacks=[none,gc_control]"]  # replaces common's callbacks=none
     plan = [
         ("plain", "sft B=8 T<=128", plain, [], 40, 10, 0),
         ("fast", "sft B=8 T<=128", fast, pad, 300, 60, 10),
@@ -158,6 +159,9 @@ def small(args) -> list[dict]:
         ("fast+cudagraphs", "lm B=32 T=256", graphs, lm + big, 200, 30, 10),
         ("fast+cudagraphs, whole decoder", "sft B=8 T<=128", graphs + whole, pad, 400, 100, 10),
         ("fast+cudagraphs, whole decoder", "lm B=32 T=256", graphs + whole, lm + big, 200, 30, 10),
+        # row 7 with collection every 200 steps instead of automatic (harness/gc_control.py): is a GC pause
+        # what stalls it (its `gc_pauses`)?
+        ("fast+cudagraphs, whole decoder, scheduled gc", "lm B=32 T=256", graphs + whole + gc, lm + big, 200, 30, 10),
     ]
     if args.tiny:
         plan = [(k, d, c, x, 6, 2, 2 if p else 0) for k, d, c, x, _, _, p in plan]
@@ -174,7 +178,9 @@ def small(args) -> list[dict]:
         ]
         if not args.tiny:  # a step 1 s or longer dumps its Python stacks (the B=32 row stalled, 2026-11-29)
             timer.append("+callbacks.step_timer.stall_trace_s=1.0")
-        overrides = [*common, *config, *extra, f"trainer.max_steps={steps}", *timer]
+        own = {o.split("=")[0] for o in config + extra}
+        base = [o for o in common if o.split("=")[0] not in own]  # a row's own callbacks=... wins
+        overrides = [*base, *config, *extra, f"trainer.max_steps={steps}", *timer]
         overrides.append(f"hydra.run.dir={work / f'run_{len(rows)}'}")
         spy = work / f"row_{len(rows)}.spy.txt" if args.py_spy else None
         row = {"path": kind, "data": data, **train_py(overrides, out, timeout=args.timeout, spy=spy)}

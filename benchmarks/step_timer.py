@@ -7,7 +7,8 @@ steps/s: the median interval between consecutive `on_train_batch_end` calls afte
 whole loop: data loading, forward, backward, optimizer, logging, callbacks), and the mean over the same
 steps (`steps_per_s_mean`, the throughput: when the host runs ahead of the GPU, the median is only the
 host's pace; `gaps` lists the stalls between the two, `cudagraphs_recorded_while_timed` the CUDA-graph
-re-recordings, `compile_counters` torch.compile's recompiles and skips). The timer adds no host sync to a timed step (token counts stay on the device until the end), so
+re-recordings, `compile_counters` torch.compile's recompiles and skips, `gc_pauses` the garbage
+collector's pauses inside the timed window). The timer adds no host sync to a timed step (token counts stay on the device until the end), so
 the host may run ahead of the GPU as it does in training. first_loss: the loss of the first step (one host
 sync). Tokens: non-pad tokens (attention mask) and all positions of the batches.
 
@@ -27,6 +28,7 @@ ranges by CPU time (`cpu_ranges`), per profiled step.
 from __future__ import annotations
 
 import faulthandler
+import gc
 import json
 import statistics
 import tempfile
@@ -188,6 +190,41 @@ def compile_counters() -> dict:
     return {group: dict(values) for group, values in counters.items() if values}
 
 
+class GcPauses:
+    """Times the interpreter's garbage collections while started (`gc.callbacks`): a full collection in a
+    process holding torch.compile's graphs can pause the host for a long time, and it looks like any other
+    stall in the step intervals. `summary()`: count, total and longest pause, and the collections by
+    generation."""
+
+    def __init__(self):
+        self.pauses: list[tuple[int, float]] = []  # (generation, seconds)
+        self._began: float | None = None
+
+    def _callback(self, phase: str, info: dict) -> None:
+        if phase == "start":
+            self._began = time.perf_counter()
+        elif self._began is not None:
+            self.pauses.append((info["generation"], time.perf_counter() - self._began))
+            self._began = None
+
+    def start(self) -> None:
+        gc.callbacks.append(self._callback)
+
+    def stop(self) -> None:
+        if self._callback in gc.callbacks:
+            gc.callbacks.remove(self._callback)
+
+    def summary(self) -> dict:
+        seconds = [s for _, s in self.pauses]
+        by_generation = {str(g): sum(1 for gen, _ in self.pauses if gen == g) for g in (0, 1, 2)}
+        return {
+            "count": len(seconds),
+            "total_s": sum(seconds),
+            "max_s": max(seconds, default=0.0),
+            "by_generation": by_generation,
+        }
+
+
 def token_counts(batch: dict) -> tuple[torch.Tensor | int, int]:
     """(real tokens, positions) of a batch without a host sync: the real-token count stays a device
     tensor (the attention mask's sum) until the run ends. An `int()` here each step made the host wait for
@@ -208,6 +245,7 @@ class StepTimer(L.Callback):
         self.records: list[tuple[float, int, int]] = []  # (time, real tokens, positions) of timed steps
         self.profiler = None
         self.profile_start = self.busy = self.first_loss = self.graphs_at_start = None
+        self.gc_pauses = GcPauses()
 
     def _sync(self):
         if torch.cuda.is_available():
@@ -243,6 +281,7 @@ class StepTimer(L.Callback):
         if step >= self.warmup + self.profile_steps:  # timed steps (the first one only opens the window)
             if not self.records:
                 self.graphs_at_start = cudagraphs_recorded()
+                self.gc_pauses.start()
             self.records.append((time.perf_counter(), *token_counts(batch)))
             if self.stall_trace_s > 0:
                 self._arm_stall_trace(len(self.records) - 1)
@@ -257,6 +296,7 @@ class StepTimer(L.Callback):
         faulthandler.dump_traceback_later(self.stall_trace_s, file=self.stall_file)
 
     def on_train_end(self, trainer, pl_module):
+        self.gc_pauses.stop()
         if self.stall_file is not None:
             faulthandler.cancel_dump_traceback_later()
             self.stall_file.close()
@@ -270,6 +310,7 @@ class StepTimer(L.Callback):
         if graphs is not None and self.graphs_at_start is not None:
             result["cudagraphs_recorded_while_timed"] = graphs - self.graphs_at_start
         result["compile_counters"] = compile_counters()
+        result["gc_pauses"] = self.gc_pauses.summary()
         if gaps:
             span = times[-1] - times[0]
             result.update(

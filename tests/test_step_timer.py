@@ -1,5 +1,6 @@
 """benchmarks/step_timer.py: GPU busy from a Chrome trace counts kernels, memcpy and memset only."""
 
+import gc
 import json
 import time
 
@@ -190,3 +191,19 @@ def test_stall_stacks_keep_only_the_steps_that_stalled():
     assert [s.split(":")[0] for s in stacks] == ["step 1", "step 3"]
     assert "replay" in stacks[0] and "record" in stacks[1]
     assert len(stall_stacks(text, keep=1, chars=20)[0]) <= len("step 1: ") + 20
+
+
+class CollectingModule(TinyModule):
+    """Every step runs a full collection: the timer must count them (and only inside the timed window)."""
+
+    def training_step(self, batch, batch_idx):
+        gc.collect()
+        return super().training_step(batch, batch_idx)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU path")
+def test_garbage_collections_in_the_timed_window_are_counted(tmp_path):
+    pauses = fit_timed(CollectingModule(), tmp_path / "speed.json", warmup=2)["gc_pauses"]
+    assert pauses["by_generation"]["2"] >= 7  # steps 3-9 of 10 at least (the window opens at step 2)
+    assert pauses["count"] >= pauses["by_generation"]["2"] and 0 < pauses["max_s"] <= pauses["total_s"]
+    assert not any("GcPauses" in repr(c) for c in gc.callbacks)  # unhooked at train end
