@@ -161,7 +161,7 @@ def small(args) -> list[dict]:
         ("fast+cudagraphs, whole decoder", "lm B=32 T=256", graphs + whole, lm + big, 200, 30, 10),
         # row 7 with collection every 200 steps instead of automatic (harness/gc_control.py): is a GC pause
         # what stalls it (its `gc_pauses`)?
-        ("fast+cudagraphs, whole decoder, scheduled gc", "lm B=32 T=256", graphs + whole + gc, lm + big, 200, 30, 10),
+        ("fast+cudagraphs, whole decoder, gc", "lm B=32 T=256", graphs + whole + gc, lm + big, 200, 30, 10),
     ]
     if args.tiny:
         plan = [(k, d, c, x, 6, 2, 2 if p else 0) for k, d, c, x, _, _, p in plan]
