@@ -24,7 +24,7 @@ export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVL
 nvidia-smi -L
 run() {  # section, time limit (s), script and its args
   timeout "$2" $PY "${@:3}" --tokenizer "${TOKENIZER:-.gpu/tokenizer}" --json "$OUT/$1.json" 2>&1 \
-    | grep -v -i warn > "$OUT/$1.log"
+    | grep -v -i -E '^[^{].*warn' > "$OUT/$1.log"  # warning lines go, row lines (JSON) stay whatever they quote
   grep '^{' "$OUT/$1.log" | $PY -c 'import json,sys
 for l in sys.stdin:
     r=json.loads(l); b=r.get("busy") or {}

@@ -64,8 +64,8 @@ case $phase in
     AVSR_S=0 OUT=$OUT/bench bash benchmarks/gpu_fastpath.sh
   ;;
 2)
-  mkdir -p artifacts/data && tar xzf .gpu2/pd_text.tgz -C artifacts/data && ls artifacts/data/pd_text
-  mkdir -p $S/meap_passkey && tar xzf .gpu2/meap_data.tgz -C $S/meap_passkey
+  [ -f .gpu2/pd_text.tgz ] && mkdir -p artifacts/data && tar xzf .gpu2/pd_text.tgz -C artifacts/data && ls artifacts/data/pd_text
+  [ -f .gpu2/meap_data.tgz ] && mkdir -p $S/meap_passkey && tar xzf .gpu2/meap_data.tgz -C $S/meap_passkey
   export UNSINK_ARMS_PER_GPU=8  # every arm of a study at once on the one GPU (launch-bound models)
   export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True  # less fragmentation with several arms per GPU
   chain=""

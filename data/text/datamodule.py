@@ -28,6 +28,8 @@ class TextDataModule(L.LightningDataModule):
     pad_to_multiple_of: round every batch's length up to a multiple of this (1: the longest row). With
         the compiled fast path a few fixed lengths mean a few compiled graphs (and CUDA graphs) instead
         of one per length.
+    full_blocks_only (format=lm): drop the corpus's last, shorter block (counted in the summary), so
+        every batch has one shape and no padding.
     The tokenizer comes from the recipe through `connect_tokenizer` (train.py calls it).
     """
 
@@ -46,6 +48,7 @@ class TextDataModule(L.LightningDataModule):
         prepare=None,
         packing: bool = False,
         pad_to_multiple_of: int = 1,
+        full_blocks_only: bool = False,
     ):
         super().__init__()
         if format not in FORMATS:
@@ -58,6 +61,9 @@ class TextDataModule(L.LightningDataModule):
         if pad_to_multiple_of < 1:
             raise ValueError(f"data.pad_to_multiple_of must be >= 1, got {pad_to_multiple_of}")
         self.pad_to_multiple_of = pad_to_multiple_of
+        if full_blocks_only and format != "lm":
+            raise ValueError("data.full_blocks_only applies to format=lm (plain-text blocks) only")
+        self.full_blocks_only = full_blocks_only
         self.tokenizer = None
         self.train_set = self.val_set = None
 
@@ -75,6 +81,8 @@ class TextDataModule(L.LightningDataModule):
             raise RuntimeError("TextDataModule needs a tokenizer: call connect_tokenizer(tokenizer) first")
         dataset_cls = FORMATS[self.format]
         kwargs = {"max_length": self.max_length, "strict": self.strict}
+        if self.full_blocks_only:
+            kwargs["full_blocks_only"] = True
         train = dataset_cls(self.train_file, self.tokenizer, config_key="data.train_file", **kwargs)
         self.skip_reports = [train.report]
         if self.val_file:
@@ -97,7 +105,15 @@ class TextDataModule(L.LightningDataModule):
             f"to {self.max_length} tokens"
         ]
         lines += [f"  {report.summary()}" for report in self.skip_reports if len(report)]
+        dropped = sum(getattr(d, "dropped_tokens", 0) for d in self._datasets())
+        if dropped:
+            lines.append(f"  {dropped} token(s) of a last, shorter block dropped (data.full_blocks_only)")
         return lines
+
+    def _datasets(self) -> list:
+        """The underlying datasets of the train and validation sets (Subsets unwrapped, deduplicated)."""
+        found = [getattr(d, "dataset", d) for d in (self.train_set, self.val_set) if d is not None]
+        return list({id(d): d for d in found}.values())
 
     def _loader(self, dataset, batch_size: int, shuffle: bool) -> DataLoader:
         sampler = EpochSeededSampler(len(dataset), self.seed) if shuffle else None
