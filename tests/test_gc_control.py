@@ -44,12 +44,17 @@ def fit(callback, steps=10, accumulate=1):
 
 
 @pytest.mark.parametrize("accumulate", [1, 2])
-def test_collects_every_n_optimizer_steps_and_restores_the_collector(accumulate):
+def test_collects_every_n_optimizer_steps_and_restores_the_collector(accumulate, monkeypatch):
     assert gc.isenabled()
-    callback = ScheduledGarbageCollection(every_n_steps=3)
+    freezes = []
+    real_freeze = gc.freeze
+    monkeypatch.setattr(gc, "freeze", lambda: (freezes.append(len(freezes)), real_freeze()))
+    callback = ScheduledGarbageCollection(every_n_steps=3, freeze_after_steps=4)
     module = fit(callback, accumulate=accumulate)
     assert callback.collections == 3  # after optimizer steps 3, 6 and 9 (not once per accumulated batch)
     assert all(not enabled and frozen > 0 for enabled, frozen in module.seen)  # off, and the model frozen
+    # frozen at the start, after steps 3 and 4 (the compiled graphs exist by then), 6 and 9: 5 times
+    assert len(freezes) == 5
     assert gc.isenabled() and gc.get_freeze_count() == 0
 
 
