@@ -2,22 +2,24 @@
 # The GPU queue on ONE lent H200 (docs/results.md), in back-to-back device calls that stage the real
 # SmolLM2 weights part by part (each call carries what its phase names; see studies/gpu_env.sh):
 #   phase 1  carry .whl .gpu .stage/smollm2/part00  -> fast-path benchmark, SmolLM2 shape (foreground;
-#            default rows 6,7: the whole decoder as one CUDA graph at B=8 and at B=32, T=256, each step over
+#            default rows 7,8,6: the whole decoder as one CUDA graph at B=32, T=256 (8: scheduled GC) and B=8, each step over
 #            1 s dumping its Python stacks, py-spy sampling the host side (SMALL_PYSPY= turns it off);
 #            SMALL_ROWS=0,3 for the plain rows they compare with)
-#   phase 2  carry .stage/smollm2/part01 .gpu2      -> SmolLM2 installed, corpus and MEAP data unpacked;
-#                                                      studies start detached, then wait like phase 3
+#   phase 2  carry .stage/smollm2/part01 + ONE .gpu2 file -> SmolLM2 installed, that file unpacked (a second call with
+#            the other file starts more studies); studies start detached, then wait like phase 3
 #   phase 3  (nothing)                               -> wait up to WAIT_S, then pack results into $OUT
 #   phase stage  carry .stage/whisper/part00 .debs, then .stage/whisper/part01 (two calls: Whisper tiny.en and
 #            flite for study 2, beside the SmolLM2 phases; each call only stages, in seconds)
-# .gpu: tokenizer/ + demo_sft_train.jsonl (benchmarks); .gpu2: pd_text.tgz (artifacts/data/pd_text) and
+# .gpu: tokenizer/ + demo_sft_train.jsonl (benchmarks); .gpu2 (carry its files one by one: with the repository
+# and part01 the whole folder is over 64 MiB; phase 2 unpacks whichever came): pd_text.tgz (artifacts/data/pd_text) and
 # meap_data.tgz (`studies/meap_passkey.py --prepare-only`'s data/ folder: its haystacks need Debian text).
 # Build them here (they are git-ignored):
 #   mkdir -p .gpu2 && tar czf .gpu2/pd_text.tgz -C artifacts/data pd_text      # after one data=pd_text run
 #   python studies/meap_passkey.py --out /tmp/meap --prepare-only && tar czf .gpu2/meap_data.tgz -C /tmp/meap data
 # STUDIES picks what phase 2 starts (default "3 5b", the queue's next items): 1 decorr_text, 5 adl_robustness
 # (sharing study 1's baseline arm), 5b adl_robustness at lower weights with its own baseline, 4 leaf_vs_kd,
-# 4b leaf_vs_kd with confounding distractors and stage 1 on the KD student, 3 meap_passkey, 2 asr_downsampling
+# 4b leaf_vs_kd with confounding distractors and stage 1 on the KD student, 3 meap_passkey (MEAP_ARGS adds
+# arguments, e.g. "--seeds 0,1"), 2 asr_downsampling
 # (its x4 baseline alone on 16,000 clips first: needs the `stage` calls; ASR_ARGS replaces its arguments); CHAIN=1 runs
 # them one after another in one job (memory-heavy studies: 3 and 4 side by side ran out of memory). Every call ends by packing what exists, so a machine
 # taken back mid-run still returns each arm's CSV log and sink measurements of the calls before.
@@ -60,7 +62,7 @@ export TOKENIZER=$S/gpu/tokenizer SFT_FILE=$S/gpu/demo_sft_train.jsonl
 case $phase in
 1)
   nvidia-smi -L
-  SMALL_S=${SMALL_S:-560} SMALL_ROWS=${SMALL_ROWS:-6,7} SMALL_TIMEOUT=${SMALL_TIMEOUT:-300} SMALL_PYSPY=${SMALL_PYSPY-1} LM1B_S=0 PACK_S=0 \
+  SMALL_S=${SMALL_S:-560} SMALL_ROWS=${SMALL_ROWS:-7,8,6} SMALL_TIMEOUT=${SMALL_TIMEOUT:-300} SMALL_PYSPY=${SMALL_PYSPY-1} LM1B_S=0 PACK_S=0 \
     AVSR_S=0 OUT=$OUT/bench bash benchmarks/gpu_fastpath.sh
   ;;
 2)
@@ -76,7 +78,7 @@ case $phase in
       5b) cmd="python3 studies/adl_robustness.py --weights ${ADL_WEIGHTS:-0.1,0.3} --out $S/adl_robustness_low" ;;
       4) cmd="python3 studies/leaf_vs_kd.py --out $S/leaf_vs_kd --micro-batch 32" ;;
       4b) cmd="python3 studies/leaf_vs_kd.py --out $S/leaf_vs_kd_b --distractors same-item --stage1-student kd --micro-batch 32" ;;
-      3) cmd="python3 studies/meap_passkey.py --out $S/meap_passkey --micro-batch 8" ;;
+      3) cmd="python3 studies/meap_passkey.py --out $S/meap_passkey --micro-batch 8 ${MEAP_ARGS:-}" ;;
       2) cmd="python3 studies/asr_downsampling.py --out $S/asr_downsampling ${ASR_ARGS:---only x4_base_s0 --num-train 16000 --steps 3000 --val-every 500}" ;;
       *) echo "[queue] unknown study $study"; continue ;;
     esac
