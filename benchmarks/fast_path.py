@@ -92,6 +92,7 @@ def train_py(overrides: list[str], out: Path, timeout: int, spy: Path | None = N
         row["error"] = (proc.stdout + proc.stderr)[-3000:]
         return row
     row.update(json.loads(out.read_text()))
+    row["recompile_reasons"] = recompile_reasons(proc.stderr)
     stalls = Path(f"{out}.stalls.txt")
     if stalls.exists():  # StepTimer(stall_trace_s=...): the stacks of the steps that stalled
         row["stall_stacks"] = stall_stacks(stalls.read_text())
@@ -100,12 +101,28 @@ def train_py(overrides: list[str], out: Path, timeout: int, spy: Path | None = N
     return row
 
 
+def recompile_reasons(stderr: str, keep: int = 40) -> list[str]:
+    """The `TORCH_LOGS=recompiles` lines of a row's stderr (what function recompiled and which guard
+    failed), without the logger's prefix: a recompile inside the timed window is a stall, and this names
+    its cause (on the H200 one padded batch recompiled the whole decoder)."""
+    tag = "[__recompiles]"
+    lines = [line.split(tag, 1)[1].rstrip() for line in stderr.splitlines() if tag in line]
+    return [line for line in lines if line.strip()][:keep]
+
+
 def run_in_group(command: list[str], timeout: int) -> subprocess.CompletedProcess:
     """`subprocess.run` in a new process group, the whole group killed on timeout: under py-spy the row's
     train.py is a grandchild, and killing only py-spy would leave it running (and holding the GPU) while
     the next rows are timed."""
+    env = {**os.environ, "TORCH_LOGS": os.environ.get("TORCH_LOGS", "recompiles")}  # recompile_reasons
     with subprocess.Popen(
-        command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+        command,
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
     ) as proc:
         try:
             stdout, stderr = proc.communicate(timeout=timeout)

@@ -265,3 +265,23 @@ def test_benchmark_row_that_times_out_becomes_an_error_row(tmp_path):
     row = train_py(["experiment=lm_sft", "debug=smoke"], tmp_path / "never.json", timeout=1)
     assert row["error"].startswith("timed out after 1 s")
     assert row["wall_s"] >= 1 and row["command"].startswith("python train.py experiment=lm_sft")
+
+
+def test_benchmark_rows_name_the_guard_behind_a_recompile(tmp_path):
+    """Rows run with TORCH_LOGS=recompiles, and `recompile_reasons` keeps what recompiled and why (a real
+    recompile here: a static-shape compile called with a second shape)."""
+    import sys
+
+    from benchmarks.fast_path import recompile_reasons, run_in_group
+
+    script = tmp_path / "recompile.py"
+    script.write_text(
+        "import torch\n"
+        "f = torch.compile(lambda x: x * 2, backend='eager', dynamic=False)\n"
+        "f(torch.ones(3)); f(torch.ones(4))\n"
+    )
+    proc = run_in_group([sys.executable, str(script)], timeout=120)
+    reasons = recompile_reasons(proc.stderr)
+    assert proc.returncode == 0 and reasons[0].startswith(" Recompiling function")
+    assert any("size mismatch" in line and "expected 3, actual 4" in line for line in reasons)
+    assert recompile_reasons("no torch logs here\n") == []
