@@ -377,10 +377,18 @@ def probe_section(args, probe: str, results: dict[str, dict[str, list[dict]]]) -
         goal = [paired(results, PRIMARY_FORMAT, f"meap_s{s}", f"sft_s{s}", GOAL_LENGTH) for s in args.seeds]
         mean = sum(g[0] for g in goal) / len(goal)
         verdict = "met" if mean >= GOAL_POINTS else "NOT met"
+        others = []  # the secondary formats at the same length: a verdict they contradict is not robust
+        for fmt in (f for f in FORMATS if f != PRIMARY_FORMAT):
+            gains = [paired(results, fmt, f"meap_s{s}", f"sft_s{s}", GOAL_LENGTH)[0] for s in args.seeds]
+            other = sum(gains) / len(gains)
+            sign = " (opposite sign: not robust)" if other * mean < 0 else ""
+            others.append(f"{fmt} format {other:+.1f}{sign}")
         lines += [
             "",
             f"Goal, {probe} probe (>= +{GOAL_POINTS:.0f} points at {GOAL_LENGTH} tokens, {PRIMARY_FORMAT} "
-            f"format): {verdict} (MEAP - SFT = {mean:+.1f} points, mean over seeds {args.seeds}).",
+            f"format): {verdict} (MEAP - SFT = {mean:+.1f} points, mean over seeds {args.seeds}; "
+            + "; ".join(others)
+            + ").",
         ]
     plot = plot_accuracy(Path(args.out), results, lengths, probe, name)
     if plot:

@@ -194,3 +194,26 @@ def test_study_smoke_runs_every_arm_writes_report_and_resumes(tmp_path):
 
     main(args)  # resumes: nothing retrained or re-evaluated
     assert mtimes() == second
+
+
+def test_goal_line_says_when_the_secondary_format_contradicts_it(tmp_path):
+    """Study 3's multi-key run: +6.5 points in the chat format (the goal's), -5.5 in raw. The goal line
+    reports both, and flags the opposite sign instead of a bare "met"."""
+    from argparse import Namespace
+
+    from studies.meap_passkey import probe_section
+
+    def rows(hits: int) -> list[dict]:  # 20 trials at 1024 tokens, the first `hits` correct
+        return [{"length": 1024, "index": i, "correct": i < hits, "confuser": False} for i in range(20)]
+
+    results = {
+        "sft_s0": {"chat": rows(8), "raw": rows(12)},
+        "meap_s0": {"chat": rows(10), "raw": rows(11)},
+    }
+    args = Namespace(out=str(tmp_path), seeds=[0], lengths=[1024], multikey_lengths=[1024], keys=8)
+    goal = [line for line in probe_section(args, "passkey", results) if line.startswith("Goal")][0]
+    assert ": met (MEAP - SFT = +10.0 points" in goal
+    assert "raw format -5.0 (opposite sign: not robust)" in goal
+    results["meap_s0"]["raw"] = rows(13)
+    goal = [line for line in probe_section(args, "passkey", results) if line.startswith("Goal")][0]
+    assert "raw format +5.0)" in goal and "not robust" not in goal
