@@ -79,7 +79,7 @@ case $phase in
       4) cmd="python3 studies/leaf_vs_kd.py --out $S/leaf_vs_kd --micro-batch 32" ;;
       4b) cmd="python3 studies/leaf_vs_kd.py --out $S/leaf_vs_kd_b --distractors same-item --stage1-student kd --micro-batch 32" ;;
       3) cmd="python3 studies/meap_passkey.py --out $S/meap_passkey --micro-batch 8 ${MEAP_ARGS:-}" ;;
-      2) cmd="python3 studies/asr_downsampling.py --out $S/asr_downsampling ${ASR_ARGS:---only x4_base_s0 --num-train 16000 --steps 3000 --val-every 500}" ;;
+      2) cmd="python3 studies/asr_downsampling.py --out $S/asr_downsampling ${ASR_ARGS:---only x4_base_s0 --num-train 16000 --steps 3000 --val-every 500 --override model.kernels=fast}" ;;
       *) echo "[queue] unknown study $study"; continue ;;
     esac
     # CHAIN=1: one job runs the studies one after another (memory-heavy arms: studies 3 and 4 together
