@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from harness.gc_control import ScheduledGarbageCollection
+from tests.lightning_utils import quiet_cpu_trainer
 
 
 class Probe(L.LightningModule):
@@ -28,16 +29,7 @@ class Probe(L.LightningModule):
 
 def fit(callback, steps=10, accumulate=1):
     module = Probe()
-    trainer = L.Trainer(
-        accelerator="cpu",
-        max_steps=steps,
-        accumulate_grad_batches=accumulate,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        callbacks=[callback],
-    )
+    trainer = quiet_cpu_trainer(max_steps=steps, accumulate_grad_batches=accumulate, callbacks=[callback])
     batches = [torch.randn(2, 4) for _ in range(steps * accumulate)]
     trainer.fit(module, train_dataloaders=torch.utils.data.DataLoader(batches, batch_size=None))
     return module

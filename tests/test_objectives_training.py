@@ -4,7 +4,6 @@ over a few dozen steps while cross-entropy stays finite. One fixed batch, so a d
 import logging
 from functools import partial
 
-import lightning as L
 import pytest
 import torch
 
@@ -18,6 +17,7 @@ from recipes.objectives.decorr import BosDecorrelationObjective, input_side_mask
 from recipes.objectives.leaf import LeafDistillationObjective
 from recipes.objectives.meap import MeapObjective
 from recipes.objectives.window import WindowTokenNormaliser
+from tests.lightning_utils import quiet_cpu_trainer
 
 # Every token id of the texts below is < 4096, so a 4096-row vocabulary keeps the tiny model fast.
 TINY = partial(build_tiny_llama, special_tokens={"eos_token": "<|im_end|>"}, num_layers=3, vocab_size=4096)
@@ -74,15 +74,7 @@ def train(objectives, steps=16, lr=1e-2, ce_weight=1.0, backbone=TINY):
         objective.loss = record
     batch = sft_batch(recipe.tokenizer)
     loader = torch.utils.data.DataLoader([batch] * steps, batch_size=None)
-    trainer = L.Trainer(
-        accelerator="cpu",
-        max_steps=steps,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        limit_val_batches=0,
-    )
+    trainer = quiet_cpu_trainer(max_steps=steps, limit_val_batches=0)
     trainer.fit(recipe, train_dataloaders=loader)
     return recipe, history
 

@@ -16,6 +16,7 @@ from benchmarks.step_timer import (
     stall_stacks,
     union_length,
 )
+from tests.lightning_utils import quiet_cpu_trainer
 
 
 def event(cat: str, name: str, ts: float, dur: float, tid: int = 7, ph: str = "X") -> dict:
@@ -115,15 +116,7 @@ class TinyModule(L.LightningModule):
 def fit_timed(module: L.LightningModule, out, **timer) -> dict:
     """10 CPU steps of `module` under a StepTimer(out, **timer); its JSON."""
     batches = [{"input_ids": torch.arange(8).reshape(2, 4) + i} for i in range(10)]
-    trainer = L.Trainer(
-        accelerator="cpu",
-        max_steps=10,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        callbacks=[StepTimer(str(out), **timer)],
-    )
+    trainer = quiet_cpu_trainer(max_steps=10, callbacks=[StepTimer(str(out), **timer)])
     trainer.fit(module, train_dataloaders=torch.utils.data.DataLoader(batches, batch_size=None))
     return json.loads(out.read_text())
 
