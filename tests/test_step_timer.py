@@ -153,11 +153,12 @@ def test_gap_summary_finds_the_stalls_that_separate_mean_from_median():
 
 
 class SleepyModule(TinyModule):
-    """Step 6 sleeps: a stall the timer must attribute to this function."""
+    """Step 6 sleeps 0.6 s: a stall the timer must attribute to this function. Every step takes at least
+    30 ms, so the stall threshold (3x the median) sits near 90 ms, above the few-ms jitter of a loaded CPU
+    (with 1-ms steps one scheduling hiccup counted as a second stall)."""
 
     def training_step(self, batch, batch_idx):
-        if batch_idx == 6:
-            time.sleep(0.6)
+        time.sleep(0.6 if batch_idx == 6 else 0.03)
         return super().training_step(batch, batch_idx)
 
 
