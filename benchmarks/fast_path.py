@@ -89,6 +89,9 @@ def train_py(overrides: list[str], out: Path, timeout: int, spy: Path | None = N
     if proc.returncode != 0 or not out.exists():
         if spy is not None and not out.exists():  # py-spy may be refused (ptrace): the timing still counts
             return {**train_py(overrides, out, timeout), "py_spy_error": (proc.stdout + proc.stderr)[-1500:]}
+        # the exit status too: a row killed by a signal (a crash in native code) leaves no traceback, and
+        # rows 7 and 8 ended that way on the H200 with only recompile lines in their tail (2026-11-29)
+        row["returncode"] = exit_status(proc.returncode)
         row["error"] = (proc.stdout + proc.stderr)[-3000:]
         return row
     row.update(json.loads(out.read_text()))
@@ -99,6 +102,16 @@ def train_py(overrides: list[str], out: Path, timeout: int, spy: Path | None = N
     if spy is not None and spy.exists():
         row["host_profile"] = summarise_samples(spy.read_text(), top=25)
     return row
+
+
+def exit_status(code: int) -> str:
+    """A process's return code in words: `0`, `1`, or `-11 (SIGSEGV)` for one killed by a signal."""
+    if code >= 0:
+        return str(code)
+    try:
+        return f"{code} ({signal.Signals(-code).name})"
+    except ValueError:
+        return str(code)
 
 
 def recompile_reasons(stderr: str, keep: int = 40) -> list[str]:
@@ -163,7 +176,10 @@ def small(args) -> list[dict]:
         fast += ["model.fast.require_cuda=false", "model.fast.compile=none"]
     # full blocks only: the corpus's last, shorter block padded one batch in 430 (step 97 of row 7), and that
     # batch recompiled the decoder and re-recorded its CUDA graphs inside the timed window (12 s, 2026-11-29)
+    # and drop_last: with full blocks, the epoch's last, smaller batch (19 of 32 rows) recompiled the decoder and
+    # ended rows 7 and 8 on the H200 (2026-11-29, third call): one batch shape, one graph
     lm = ["data=text_lm", f"data.train_file={text_file}", "data.num_workers=0", "data.full_blocks_only=true"]
+    lm += ["data.drop_last=true"]
     graphs = fast + ([] if args.tiny else ["model.fast.compile_mode=reduce-overhead"])
     whole = [] if args.tiny else ["model.fast.compile=model"]
     pad = ["data.pad_to_multiple_of=64"]  # two lengths (64, 128): two compiled graphs, not one per length

@@ -33,7 +33,8 @@ for name in "${!UNSINK_STAGE_SHA[@]}"; do
   fi
   echo "[gpu_env] $name: $([ -f /tmp/stage/$name.installed ] && echo installed || echo "parts: $(ls /tmp/stage/$name | tr '\n' ' ')")"
 done
-if [ -d .debs ]; then
+# .debs is carried in one call; later calls on the same machine find it unpacked and still need the PATH
+if [ -d .debs ] || [ -f /tmp/debroot/.done ]; then
   export UNSINK_DEB_ROOT=/tmp/debroot
   [ -f /tmp/debroot/.done ] || { source studies/gpu_debs.sh --unpack && touch /tmp/debroot/.done; }
   export PATH="/tmp/debroot/usr/bin:/tmp/debroot/usr/games:$PATH"

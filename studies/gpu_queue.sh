@@ -59,6 +59,9 @@ wait_jobs() {  # up to $1 seconds, or until every started job has an exit code
 }
 [ -d .gpu ] && mkdir -p $S/gpu && cp -r .gpu/. $S/gpu/
 export TOKENIZER=$S/gpu/tokenizer SFT_FILE=$S/gpu/demo_sft_train.jsonl
+# any phase unpacks the .gpu2 files it carries (they stay in /tmp for the later calls on the same machine)
+[ -f .gpu2/pd_text.tgz ] && mkdir -p artifacts/data && tar xzf .gpu2/pd_text.tgz -C artifacts/data && ls artifacts/data/pd_text
+[ -f .gpu2/meap_data.tgz ] && mkdir -p $S/meap_passkey && tar xzf .gpu2/meap_data.tgz -C $S/meap_passkey
 case $phase in
 1)
   nvidia-smi -L
@@ -66,8 +69,6 @@ case $phase in
     AVSR_S=0 OUT=$OUT/bench bash benchmarks/gpu_fastpath.sh
   ;;
 2)
-  [ -f .gpu2/pd_text.tgz ] && mkdir -p artifacts/data && tar xzf .gpu2/pd_text.tgz -C artifacts/data && ls artifacts/data/pd_text
-  [ -f .gpu2/meap_data.tgz ] && mkdir -p $S/meap_passkey && tar xzf .gpu2/meap_data.tgz -C $S/meap_passkey
   export UNSINK_ARMS_PER_GPU=8  # every arm of a study at once on the one GPU (launch-bound models)
   export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True  # less fragmentation with several arms per GPU
   chain=""

@@ -285,3 +285,17 @@ def test_benchmark_rows_name_the_guard_behind_a_recompile(tmp_path):
     assert proc.returncode == 0 and reasons[0].startswith(" Recompiling function")
     assert any("size mismatch" in line and "expected 3, actual 4" in line for line in reasons)
     assert recompile_reasons("no torch logs here\n") == []
+
+
+def test_a_row_killed_by_a_signal_says_which(tmp_path, monkeypatch):
+    """A row whose process dies from a signal (a native crash: no traceback) records its exit status in
+    words beside the output tail, so the table tells a crash from a Python error."""
+    import subprocess
+
+    import benchmarks.fast_path as fast_path
+
+    crashed = subprocess.CompletedProcess(["train.py"], -11, "", "last log line\n")
+    monkeypatch.setattr(fast_path, "run_in_group", lambda command, timeout: crashed)
+    row = fast_path.train_py(["experiment=lm_sft"], tmp_path / "never.json", timeout=5)
+    assert row["returncode"] == "-11 (SIGSEGV)" and row["error"].endswith("last log line\n")
+    assert fast_path.exit_status(1) == "1" and fast_path.exit_status(-999) == "-999"

@@ -37,3 +37,24 @@ def test_full_blocks_only_keeps_a_corpus_of_one_short_block_and_refuses_sft(tmp_
     assert len(tiny.train_set.dataset.examples) == 1  # nothing else to train on: kept, not emptied
     with pytest.raises(ValueError, match="format=lm"):
         TextDataModule(str(tmp_path / "x.jsonl"), format="sft", full_blocks_only=True)
+
+
+def test_drop_last_gives_one_batch_size_and_counts_what_it_leaves_out(tmp_path, tiny_lm):
+    """With full blocks and drop_last every training batch is [batch_size, max_length] (one compiled graph);
+    the rows left out of an epoch are said in the summary, and validation keeps every row."""
+    _, tokenizer = tiny_lm
+    data = corpus_module(tmp_path, tokenizer, words=300, full_blocks_only=True, drop_last=True)
+    rows = len(data.train_set)
+    assert rows % 4  # the corpus leaves a smaller last batch to drop
+    batches = [b["input_ids"].shape for b in data.train_dataloader()]
+    assert set(batches) == {(4, 32)} and len(batches) == rows // 4
+    assert any(f"{rows % 4} training row(s) per epoch" in line for line in data.summary_lines())
+    assert sum(b["input_ids"].shape[0] for b in data.val_dataloader()) == len(data.val_set)
+    keeps = corpus_module(tmp_path, tokenizer, words=300, full_blocks_only=True)
+    assert sum(b["input_ids"].shape[0] for b in keeps.train_dataloader()) == rows
+
+
+def test_drop_last_never_empties_an_epoch(tmp_path, tiny_lm):
+    _, tokenizer = tiny_lm
+    small = corpus_module(tmp_path, tokenizer, words=40, drop_last=True, val_file=None)
+    assert len(small.train_set) < 4 and len(list(small.train_dataloader())) == 1

@@ -30,6 +30,9 @@ class TextDataModule(L.LightningDataModule):
         of one per length.
     full_blocks_only (format=lm): drop the corpus's last, shorter block (counted in the summary), so
         every batch has one shape and no padding.
+    drop_last: the training loader drops each epoch's last, smaller batch (its rows are counted in the
+        summary); with full blocks, every training batch then has one shape [batch_size, max_length]: a
+        compiled, CUDA-graphed step never meets a second batch size. Validation keeps every row.
     The tokenizer comes from the recipe through `connect_tokenizer` (train.py calls it).
     """
 
@@ -49,6 +52,7 @@ class TextDataModule(L.LightningDataModule):
         packing: bool = False,
         pad_to_multiple_of: int = 1,
         full_blocks_only: bool = False,
+        drop_last: bool = False,
     ):
         super().__init__()
         if format not in FORMATS:
@@ -63,7 +67,7 @@ class TextDataModule(L.LightningDataModule):
         self.pad_to_multiple_of = pad_to_multiple_of
         if full_blocks_only and format != "lm":
             raise ValueError("data.full_blocks_only applies to format=lm (plain-text blocks) only")
-        self.full_blocks_only = full_blocks_only
+        self.full_blocks_only, self.drop_last = full_blocks_only, drop_last
         self.tokenizer = None
         self.train_set = self.val_set = None
 
@@ -108,6 +112,11 @@ class TextDataModule(L.LightningDataModule):
         dropped = sum(getattr(d, "dropped_tokens", 0) for d in self._datasets())
         if dropped:
             lines.append(f"  {dropped} token(s) of a last, shorter block dropped (data.full_blocks_only)")
+        if self.drop_last and len(self.train_set) % self.batch_size:
+            lines.append(
+                f"  {len(self.train_set) % self.batch_size} training row(s) per epoch left out of the last, "
+                "smaller batch (data.drop_last; a reshuffled epoch trains on them)"
+            )
         return lines
 
     def _datasets(self) -> list:
@@ -115,7 +124,7 @@ class TextDataModule(L.LightningDataModule):
         found = [getattr(d, "dataset", d) for d in (self.train_set, self.val_set) if d is not None]
         return list({id(d): d for d in found}.values())
 
-    def _loader(self, dataset, batch_size: int, shuffle: bool) -> DataLoader:
+    def _loader(self, dataset, batch_size: int, shuffle: bool, drop_last: bool = False) -> DataLoader:
         sampler = EpochSeededSampler(len(dataset), self.seed) if shuffle else None
         pad = self.tokenizer.pad_token_id
         multiple = self.pad_to_multiple_of
@@ -130,10 +139,12 @@ class TextDataModule(L.LightningDataModule):
             num_workers=self.num_workers,
             collate_fn=collate,
             persistent_workers=self.num_workers > 0,
+            drop_last=drop_last,
         )
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_set, self.batch_size, shuffle=True)
+        drop_last = self.drop_last and len(self.train_set) >= self.batch_size  # never an empty epoch
+        return self._loader(self.train_set, self.batch_size, shuffle=True, drop_last=drop_last)
 
     def val_dataloader(self) -> DataLoader:
         return self._loader(self.val_set, self.eval_batch_size, shuffle=False)
