@@ -168,6 +168,46 @@ def prepare_assets(args: argparse.Namespace) -> None:
         print(
             f"[study] whisper: {ensure_converted_whisper('tiny.en', REPO / 'artifacts/models/whisper-tiny.en')}"
         )
+    if not args.smoke:
+        write_whisper_reference(Path(args.out).resolve(), args)
+
+
+def write_whisper_reference(study_dir: Path, args: argparse.Namespace) -> None:
+    """Whisper's own WER on val (its decoder, the 30 s window): what the frozen encoder is known to
+    support, beside the arms' WER in the report. Once per study folder; a failure is reported, not fatal."""
+    from studies.whisper_reference import reference_wer
+
+    out = study_dir / "whisper_reference_val.json"
+    if out.exists():
+        return
+    whisper = (
+        Path(args.whisper_dir).resolve() if args.whisper_dir else REPO / "artifacts/models/whisper-tiny.en"
+    )
+    try:
+        result = reference_wer(corpus_root(args), "val", whisper)
+    except Exception as error:  # the reference is context, not an arm: the study goes on
+        print(f"[study] whisper reference failed: {type(error).__name__}: {error}", flush=True)
+        return
+    out.write_text(json.dumps(result, indent=1))
+    print(f"[study] whisper reference: {whisper.name} alone, val WER {result['wer']:.3f}", flush=True)
+
+
+def reference_line(study_dir: Path) -> list[str]:
+    """The report's line on Whisper's own val WER (studies/whisper_reference.py), if it was measured."""
+    ref = _read_json(study_dir / "whisper_reference_val.json")
+    if not ref:
+        return []
+    line = (
+        f"Reference: {Path(ref['whisper']).name} alone (its own decoder, greedy, the 30 s window) makes "
+        f"{100 * ref['wer']:.1f}% WER on the {ref['clips']} val clips (sub {100 * ref['substitutions']:.1f}, "
+        f"ins {100 * ref['insertions']:.1f}, del {100 * ref['deletions']:.1f})"
+    )
+    if ref["wer"] > WER_GOAL_X4:
+        line += (
+            f": above the x4 goal of {100 * WER_GOAL_X4:.0f}%, which asks the projector and LLM to read this "
+            "frozen encoder better than Whisper's own decoder does"
+        )
+    return [line + ".", ""]
 
 
 def run_study(arms: list[Arm], study_dir: Path, args: argparse.Namespace) -> list[str]:
@@ -444,6 +484,7 @@ def write_report(
         "",
         "## Goals",
         "",
+        *reference_line(study_dir),
         *claims(rows, rates),
         "",
         "## Mean over seeds",

@@ -85,6 +85,23 @@ def test_report_says_when_sink_metrics_are_missing(tmp_path):
     report = study.write_report(tmp_path, specs, args, failures=["arms failed: ['x']"]).read_text()
     assert "`intermediate_sink_*` metrics: not available" in report and "arms failed" in report
     assert "| x32_base_s0 | 0 (0) | - | - | - |" in report
+    assert "Reference:" not in report  # not measured: no line
+
+
+def test_report_puts_whispers_own_wer_beside_the_goal(tmp_path):
+    """studies/whisper_reference.py's val WER (written by the study before its arms) heads the goals, and
+    the report says when it is above the x4 goal: the frozen encoder's own recogniser misses it too."""
+    args = study.parse_args(["--out", str(tmp_path), "--seeds", "0", "--rates", "4"])
+    specs = study.arm_specs(args)
+    ref = {"whisper": "/m/whisper-tiny.en", "clips": 300, "wer": 0.184, "substitutions": 0.133}
+    ref.update(insertions=0.035, deletions=0.016)
+    (tmp_path / "whisper_reference_val.json").write_text(json.dumps(ref))
+    report = study.write_report(tmp_path, specs, args, failures=[]).read_text()
+    assert "Reference: whisper-tiny.en alone" in report and "18.4% WER on the 300 val clips" in report
+    assert "above the x4 goal of 15%" in report
+    (tmp_path / "whisper_reference_val.json").write_text(json.dumps({**ref, "wer": 0.09}))
+    report = study.write_report(tmp_path, specs, args, failures=[]).read_text()
+    assert "9.0% WER" in report and "above the x4 goal" not in report
 
 
 @pytest.mark.slow
