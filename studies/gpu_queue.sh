@@ -20,7 +20,8 @@
 # (sharing study 1's baseline arm), 5b adl_robustness at lower weights with its own baseline, 4 leaf_vs_kd,
 # 4b leaf_vs_kd with confounding distractors and stage 1 on the KD student, 3 meap_passkey (MEAP_ARGS adds
 # arguments, e.g. "--seeds 0,1"), 2 asr_downsampling
-# (its x4 baseline alone on 16,000 clips first: needs the `stage` calls; ASR_ARGS replaces its arguments); CHAIN=1 runs
+# (seed 0's four arms for 1,000 steps on 16,000 clips into $S/$ASR_DIR, default asr_downsampling_1k: a new folder, so
+# the 3,000-step arms of 2026-11-29 are not resumed; needs the `stage` calls; ASR_ARGS replaces its arguments); CHAIN=1 runs
 # them one after another in one job (memory-heavy studies: 3 and 4 side by side ran out of memory). Every call ends by packing what exists, so a machine
 # taken back mid-run still returns each arm's CSV log and sink measurements of the calls before.
 # Long jobs start with setsid, so they outlive the call that started them while the machine stays held
@@ -43,7 +44,7 @@ collect() {  # every arm's logs, sinks and reports so far -> $OUT/results.tgz
   nvidia-smi --query-gpu=index,utilization.gpu,memory.used --format=csv,noheader
   (cd $S && tar czf "$OUT/results.tgz" --exclude='*.ckpt' --exclude='adapter' --exclude='*.safetensors' \
     --exclude='data' --exclude='wandb' --exclude='merged' --exclude='student_model' \
-    logs $(ls -d decorr_text adl_robustness adl_robustness_low leaf_vs_kd leaf_vs_kd_b meap_passkey asr_downsampling \
+    logs $(ls -d decorr_text adl_robustness adl_robustness_low leaf_vs_kd leaf_vs_kd_b meap_passkey asr_downsampling* \
       2>/dev/null))
   ls -la "$OUT"
 }
@@ -80,7 +81,7 @@ case $phase in
       4) cmd="python3 studies/leaf_vs_kd.py --out $S/leaf_vs_kd --micro-batch 32" ;;
       4b) cmd="python3 studies/leaf_vs_kd.py --out $S/leaf_vs_kd_b --distractors same-item --stage1-student kd --micro-batch 32" ;;
       3) cmd="python3 studies/meap_passkey.py --out $S/meap_passkey --micro-batch 8 ${MEAP_ARGS:-}" ;;
-      2) cmd="python3 studies/asr_downsampling.py --out $S/asr_downsampling ${ASR_ARGS:---only x4_base_s0 --num-train 16000 --steps 3000 --val-every 500 --override model.kernels=fast}" ;;
+      2) cmd="python3 studies/asr_downsampling.py --out $S/${ASR_DIR:-asr_downsampling_1k} ${ASR_ARGS:---seeds 0 --num-train 16000 --steps 1000 --val-every 250 --decorr-weight 10 --arms-per-gpu 4 --override model.kernels=fast}" ;;
       *) echo "[queue] unknown study $study"; continue ;;
     esac
     # CHAIN=1: one job runs the studies one after another (memory-heavy arms: studies 3 and 4 together
