@@ -73,6 +73,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--corpus", default=None, help="corpus root (default: <artifacts>/data/asr_corpus)")
     p.add_argument("--num-train", type=int, default=6000)
+    p.add_argument(
+        "--train-sources",
+        nargs="+",
+        default=None,
+        help="sentence sources for the train split only (gcide: about 244,000 more sentences)",
+    )
     p.add_argument("--num-val", type=int, default=300)
     p.add_argument("--num-test", type=int, default=500)
     p.add_argument(
@@ -108,7 +114,8 @@ def corpus_params(args: argparse.Namespace) -> dict:
         return dict(
             num_train=8, num_val=2, num_test=3, max_words=8, max_seconds=4.0, voices=voices, sources=sources
         )
-    return dict(num_train=args.num_train, num_val=args.num_val, num_test=args.num_test)
+    params = dict(num_train=args.num_train, num_val=args.num_val, num_test=args.num_test)
+    return {**params, "train_sources": args.train_sources} if args.train_sources else params
 
 
 def corpus_root(args: argparse.Namespace) -> Path:

@@ -38,6 +38,14 @@ def test_arm_overrides_compose_to_the_intended_run(decorr, tmp_path):
         assert cfg.objective.decorr.weight == 10
     else:
         assert cfg.objective is None
+    assert list(cfg.data.prepare.train_sources) == []  # the corpus's own sentences only, by default
+
+
+def test_train_sources_reach_the_corpus_builder(tmp_path):
+    args = study.parse_args(["--out", str(tmp_path), "--num-train", "48000", "--train-sources", "gcide"])
+    assert study.corpus_params(args)["train_sources"] == ["gcide"]
+    cfg = compose_train(study.arm_overrides(study.ArmSpec(4, False, 0), args) + study.common_overrides(args))
+    assert list(cfg.data.prepare.train_sources) == ["gcide"] and cfg.data.prepare.num_train == 48000
 
 
 def _fake_arm(study_dir, spec, test_wer, sinks=None):

@@ -10,7 +10,8 @@ Same LRS3/auto_avsr layout as `synthetic_corpus` (so the same `AVSRDataModule` l
 Sentences are real public-domain / BSD text (Debian `fortunes`, `dict-devil`), pooled, de-duplicated and
 shuffled by `seed`, then cut into three disjoint pools: test takes the first `num_test * CANDIDATES`
 sentences, val the next, train the rest. So no test or val sentence can occur in training; the build
-asserts it on the written manifests. Each clip tries its own CANDIDATES sentences in order until one fits
+asserts it on the written manifests. `train_sources` (e.g. Debian `dict-gcide`) add sentences to the train
+split only, after its own slice: more distinct training sentences, the same val and test. Each clip tries its own CANDIDATES sentences in order until one fits
 `max_seconds`. Voices are dealt round-robin, so every voice speaks in every split. Transcripts are
 lowercased unless `lowercase=False`: SmolLM2 reads "the cat sat" in about half the tokens of "THE CAT SAT",
 as text it saw in pretraining, and WER ignores case.
@@ -45,15 +46,17 @@ from data.avsr.synthetic_corpus import MARKER, SPLITS, pad_to_video_frames
 from data.avsr.text_sources import (
     DEVIL_DICT,
     FORTUNES_DIR,
+    GCIDE_DICT,
     builtin_sentences,
     devil_dictionary_sentences,
     fortune_sentences,
+    gcide_sentences,
 )
 
 FORMAT_VERSION = 1
 CANDIDATES = 2  # sentences a clip may try before keeping the shortest
 FLITE_VOICES = ("flite:slt", "flite:rms", "flite:awb", "flite:kal16")
-TEXT_SOURCES = ("fortunes", "devil", "builtin")  # builtin: the repo's 81 sentences (tests)
+TEXT_SOURCES = ("fortunes", "devil", "gcide", "builtin")  # builtin: the repo's 81 sentences (tests)
 
 
 @dataclass(frozen=True)
@@ -62,6 +65,8 @@ class AsrCorpusParams:
 
     voices: "engine:voice" (flite, espeak-ng, e.g. "espeak-ng:en-gb+m3"; builtin:low|mid|high for tests).
     sources: sentence sources pooled in the given order (fortunes, devil; builtin for tests).
+    train_sources: more sources for the train split only (e.g. gcide, about 244,000 sentences): training
+        gets more distinct sentences while val and test stay as they are; their sentences never enter it.
     """
 
     num_train: int = 6000
@@ -74,12 +79,14 @@ class AsrCorpusParams:
     max_seconds: float = 6.0
     voices: tuple[str, ...] = FLITE_VOICES
     sources: tuple[str, ...] = ("fortunes", "devil")
+    train_sources: tuple[str, ...] = ()
     with_video: bool = False
     lowercase: bool = True  # transcripts as the LLM read them in pretraining (WER is case-blind)
 
     def __post_init__(self):  # lists from Hydra or argparse become tuples (hashable, marker-comparable)
         object.__setattr__(self, "voices", tuple(self.voices))
         object.__setattr__(self, "sources", tuple(self.sources))
+        object.__setattr__(self, "train_sources", tuple(self.train_sources))
         for voice in self.voices:
             engine, _, name = voice.partition(":")
             if engine not in SYNTHESIZERS or not name:
@@ -89,6 +96,10 @@ class AsrCorpusParams:
         unknown = set(self.sources) - set(TEXT_SOURCES)
         if unknown or not self.sources:
             raise ValueError(f"data.prepare.sources: choose among {TEXT_SOURCES}, got {list(self.sources)}")
+        if set(self.train_sources) - set(TEXT_SOURCES):
+            raise ValueError(
+                f"data.prepare.train_sources: choose among {TEXT_SOURCES}, got {list(self.train_sources)}"
+            )
 
 
 @dataclass(frozen=True)
@@ -118,15 +129,19 @@ def default_text_root() -> str:
     )
 
 
-def sentence_pool(params: AsrCorpusParams, text_root: str | Path = "/") -> list[str]:
-    """Unique cleaned sentences of the chosen sources (in source order), before shuffling."""
+def sentence_pool(
+    params: AsrCorpusParams, text_root: str | Path = "/", sources: tuple[str, ...] | None = None
+) -> list[str]:
+    """Unique cleaned sentences of the chosen sources (`params.sources` unless given), in source order,
+    before shuffling."""
     root = Path(text_root)
     readers = {
         "fortunes": (fortune_sentences, FORTUNES_DIR),
         "devil": (devil_dictionary_sentences, DEVIL_DICT),
+        "gcide": (gcide_sentences, GCIDE_DICT),
     }
     sentences: list[str] = []
-    for source in params.sources:
+    for source in params.sources if sources is None else sources:
         if source == "builtin":
             sentences += builtin_sentences(params.min_words, params.max_words)
             continue
@@ -134,8 +149,9 @@ def sentence_pool(params: AsrCorpusParams, text_root: str | Path = "/") -> list[
         path = root / system_path.relative_to("/")
         if not path.exists():
             raise FileNotFoundError(
-                f"text source {source!r}: {path} is missing (install Debian fortunes / dict-devil, or unpack "
-                "them with studies/gpu_debs.sh and set UNSINK_DEB_ROOT; data.prepare.sources to drop it)"
+                f"text source {source!r}: {path} is missing (install Debian fortunes / dict-devil / dict-gcide, "
+                "or unpack them with studies/gpu_debs.sh and set UNSINK_DEB_ROOT; data.prepare.sources or "
+                "train_sources to drop it)"
             )
         sentences += read(params.min_words, params.max_words, path)
     return list(dict.fromkeys(sentences))
@@ -145,11 +161,14 @@ def pool_digest(sentences: list[str]) -> str:
     return hashlib.sha256("\n".join(sentences).encode()).hexdigest()[:16]
 
 
-def plan_jobs(out: Path, params: AsrCorpusParams, sentences: list[str]) -> list[AsrClipJob]:
+def plan_jobs(
+    out: Path, params: AsrCorpusParams, sentences: list[str], train_extra: list[str] = ()
+) -> list[AsrClipJob]:
     """One job per clip; test, val and train draw candidates from disjoint slices of the shuffled pool.
 
     Train cycles through its slice when it has fewer than num_train * CANDIDATES sentences (a sentence
-    may then be heard in several voices), but never reaches into the held-out slices.
+    may then be heard in several voices), but never reaches into the held-out slices. `train_extra`
+    (the train_sources' sentences) follows train's slice, shuffled, less any held-out sentence.
     """
     order = np.random.default_rng(params.seed).permutation(len(sentences))
     shuffled = [sentences[i] for i in order]
@@ -162,9 +181,15 @@ def plan_jobs(out: Path, params: AsrCorpusParams, sentences: list[str]) -> list[
     starts = {"test": 0, "val": params.num_test * CANDIDATES, "train": held_out}
     ends = {"test": starts["val"], "val": held_out, "train": len(shuffled)}
     counts = {"train": params.num_train, "val": params.num_val, "test": params.num_test}
+    pools = {split: shuffled[starts[split] : ends[split]] for split in SPLITS}
+    if train_extra:
+        known = set(shuffled)  # held out, or already in train's slice
+        extra = [s for s in dict.fromkeys(train_extra) if s not in known]
+        order = np.random.default_rng([params.seed, 1]).permutation(len(extra))
+        pools["train"] = pools["train"] + [extra[i] for i in order]
     jobs = []
     for split in SPLITS:
-        pool = shuffled[starts[split] : ends[split]]
+        pool = pools[split]
         for index in range(counts[split]):
             picks = tuple(pool[(index * CANDIDATES + k) % len(pool)] for k in range(CANDIDATES))
             voice = params.voices[index % len(params.voices)]
@@ -219,7 +244,8 @@ def _build_into(folder: Path, params: AsrCorpusParams, workers: int, text_root: 
     for voice in params.voices:
         synthesizer_name(voice.partition(":")[0])  # raises early when an engine is not installed
     sentences = sentence_pool(params, text_root)
-    jobs = plan_jobs(folder, params, sentences)
+    train_extra = sentence_pool(params, text_root, params.train_sources) if params.train_sources else []
+    jobs = plan_jobs(folder, params, sentences, train_extra)
     pool_or_none = ProcessPoolExecutor(workers, initializer=_init_worker) if workers > 1 else nullcontext()
     with pool_or_none as pool:
         built = list(pool.map(build_clip, jobs, chunksize=8) if pool else map(build_clip, jobs))
@@ -231,6 +257,7 @@ def _build_into(folder: Path, params: AsrCorpusParams, workers: int, text_root: 
         "format_version": FORMAT_VERSION,
         "params": _params_json(params),
         "sentence_pool": {"size": len(sentences), "sha256_16": pool_digest(sentences)},
+        "train_extra_pool": {"size": len(train_extra), "sha256_16": pool_digest(train_extra)},
         "clips": {split: len(rows[split]) for split in SPLITS},
         "unique_sentences": {split: len({row.text for row in rows[split]}) for split in SPLITS},
         "hours": {split: round(sum(r.input_length for r in rows[split]) / 25 / 3600, 3) for split in SPLITS},
@@ -247,7 +274,8 @@ def _marker_matches(out: Path, params: AsrCorpusParams) -> bool:
     marker = read_marker(out, MARKER)
     if marker is None:
         return False
-    return marker.get("format_version") == FORMAT_VERSION and marker.get("params") == _params_json(params)
+    stored = {"train_sources": [], **(marker.get("params") or {})}  # markers older than train_sources
+    return marker.get("format_version") == FORMAT_VERSION and stored == _params_json(params)
 
 
 def build_asr_corpus(

@@ -8,7 +8,10 @@ import gzip
 import re
 from pathlib import Path
 
+from data.text.public_domain_corpus import dictd_documents
+
 DEVIL_DICT = Path("/usr/share/dictd/devil.dict.dz")
+GCIDE_DICT = Path("/usr/share/dictd/gcide.dict.dz")  # its index beside it: gcide.index
 FORTUNES_DIR = Path("/usr/share/games/fortunes")
 BUILTIN_SENTENCES = Path(__file__).with_name("builtin_sentences.txt")
 MIN_SENTENCES_PER_SOURCE = 100
@@ -56,6 +59,21 @@ def fortune_sentences(min_words: int = 3, max_words: int = 10, directory: Path =
         if path.is_file() and path.suffix not in (".dat", ".u8") and not path.is_symlink():
             paragraphs += path.read_text(encoding="utf-8", errors="replace").split("\n%\n")
     return _sentences_from_paragraphs(paragraphs, min_words, max_words)
+
+
+def gcide_sentences(min_words: int = 3, max_words: int = 10, path: Path = GCIDE_DICT) -> list[str]:
+    """Sentences of the 1913 Webster (Debian dict-gcide, GPL-3): definitions and quotations, about 260,000
+    of 3-12 words, so a training split can have far more distinct sentences than fortunes and the Devil's
+    Dictionary give (about 17,600). Leftovers of pronunciation markup ("R CRIMINATION LL") are dropped."""
+    index = path.with_name(path.name.removesuffix(".dict.dz") + ".index")
+    paragraphs = [p for document in dictd_documents(path, index) for p in document.split("\n")]
+    return [s for s in _sentences_from_paragraphs(paragraphs, min_words, max_words) if _speakable(s)]
+
+
+def _speakable(sentence: str) -> bool:
+    """Every word has a vowel and no word is a lone letter other than A or I."""
+    words = sentence.split()
+    return all(re.search(r"[AEIOUY]", w) and (len(w) > 1 or w in ("A", "I")) for w in words)
 
 
 def builtin_sentences(min_words: int = 3, max_words: int = 10) -> list[str]:
