@@ -24,6 +24,7 @@ from harness.nonfinite_guard import check_finite_weights
 from harness.resume import newest_checkpoint
 from harness.run_dir import register_resolvers
 from harness.summary import TrainLossHistory, summary_lines
+from harness.test_checkpoint import resolve_test_checkpoint
 
 log = logging.getLogger("unsink.train")
 register_resolvers()
@@ -71,28 +72,37 @@ def _train(cfg: DictConfig) -> dict:
     if cfg.get("validate_before_training") and ckpt_path is None:
         before = _metrics(trainer.validate(module, datamodule=datamodule, verbose=False))
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
-    after = _metrics(trainer.validate(module, datamodule=datamodule, verbose=False))
+    # the weights scored after training (and exported): the last, or the best by validation (test_checkpoint)
+    scored, scored_line = None, ""
     if cfg.get("test_after_training"):
-        after.update(_metrics(trainer.test(module, datamodule=datamodule, verbose=False)))
+        scored, scored_line = resolve_test_checkpoint(cfg.get("test_checkpoint", "last"), callbacks.values())
+    after = _metrics(trainer.validate(module, datamodule=datamodule, ckpt_path=scored, verbose=False))
+    if cfg.get("test_after_training"):
+        after.update(_metrics(trainer.test(module, datamodule=datamodule, ckpt_path=scored, verbose=False)))
     check_finite_weights(module, "the exported weights", trainer.strategy)  # harness/nonfinite_guard.py
     gathered = gather_trainable_state(trainer, module)  # FSDP: a collective, before rank 0 exports alone
     if trainer.is_global_zero:
         exported = module.export(run_dir, merged=cfg.get("export_merged", False), state_dict=gathered)
         extra = [f"exported: {', '.join(f'{k} -> {v}' for k, v in exported.items())}"]
+        extra += [scored_line] if scored_line else []
         for part in (datamodule, module, *callbacks.values()):
             if hasattr(part, "summary_lines"):
                 extra.extend(part.summary_lines())
         lines = summary_lines(before, after, history, str(run_dir), trainer, extra)
-        write_results(run_dir / "results.json", before, after, trainer.global_step, history)
+        write_results(run_dir / "results.json", before, after, trainer.global_step, history, scored)
         _finish_wandb()  # its own closing report would otherwise bury ours
         print("\n".join(lines), flush=True)
     return after
 
 
-def write_results(path: Path, before: dict, after: dict, step: int, history: TrainLossHistory) -> None:
-    """Machine-readable end of run (studies read it; its presence marks a finished run)."""
+def write_results(
+    path: Path, before: dict, after: dict, step: int, history: TrainLossHistory, scored: str | None = None
+) -> None:
+    """Machine-readable end of run (studies read it; its presence marks a finished run). `scored`: the
+    checkpoint `after` was measured on (test_checkpoint=best), None for the last weights."""
     payload = {
         "step": int(step),
+        "scored_checkpoint": scored,
         "before": before,
         "after": after,
         "train_loss_first": history.first,
