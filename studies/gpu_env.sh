@@ -36,7 +36,9 @@ done
 # .debs is carried in one call; later calls on the same machine find it unpacked and still need the PATH
 if [ -d .debs ] || [ -f /tmp/debroot/.done ]; then
   export UNSINK_DEB_ROOT=/tmp/debroot
-  [ -f /tmp/debroot/.done ] || { source studies/gpu_debs.sh --unpack && touch /tmp/debroot/.done; }
+  # a call that carries .debs unpacks them again (seconds): a machine that kept /tmp from an earlier session
+  # has an older set there (dict-gcide came later)
+  if [ -d .debs ]; then source studies/gpu_debs.sh --unpack && touch /tmp/debroot/.done; fi
   export PATH="/tmp/debroot/usr/bin:/tmp/debroot/usr/games:$PATH"
   export LD_LIBRARY_PATH="/tmp/debroot/usr/lib/x86_64-linux-gnu:/tmp/debroot/lib/x86_64-linux-gnu${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
   echo "[gpu_env] flite: $(command -v flite || echo missing)"
