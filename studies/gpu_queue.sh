@@ -16,8 +16,9 @@
 # Build them here (they are git-ignored):
 #   mkdir -p .gpu2 && tar czf .gpu2/pd_text.tgz -C artifacts/data pd_text      # after one data=pd_text run
 #   python studies/meap_passkey.py --out /tmp/meap --prepare-only && tar czf .gpu2/meap_data.tgz -C /tmp/meap data
-# STUDIES="2v": four x4 baselines of study 2 side by side for 1,000 steps (audio time masking on/off x the
-# corpus's own 16,000 clips / 48,000 with gcide sentences for training), each in $S/asr_x4_<variant>.
+# STUDIES="2v": five x4 baselines of study 2 side by side for 1,000 steps (audio time masking on/off x the
+# corpus's own 16,000 clips / 48,000 with gcide sentences for training; and the projector alone, LoRA frozen),
+# each in $S/asr_x4_<variant>.
 # STUDIES picks what phase 2 starts (default "3 5b", the queue's next items): 1 decorr_text, 5 adl_robustness
 # (sharing study 1's baseline arm), 5b adl_robustness at lower weights with its own baseline, 4 leaf_vs_kd,
 # 4b leaf_vs_kd with confounding distractors and stage 1 on the KD student, 3 meap_passkey (MEAP_ARGS adds
@@ -85,12 +86,14 @@ case $phase in
       3) cmd="python3 studies/meap_passkey.py --out $S/meap_passkey --micro-batch 8 ${MEAP_ARGS:-}" ;;
       2) cmd="python3 studies/asr_downsampling.py --out $S/${ASR_DIR:-asr_downsampling_1k} ${ASR_ARGS:---seeds 0 --num-train 16000 --steps 1000 --val-every 250 --decorr-weight 10 --arms-per-gpu 4 --override model.kernels=fast}" ;;
       2v)  # the x4 baseline tuned on val: 2x2 of audio time masking (on/off) and training text (own 16,000
-        # clips / 48,000 with gcide's sentences for training only); both corpora built first, once
+        # clips / 48,000 with gcide's sentences for training only), plus the projector alone; corpora built first
         x4="--only x4_base_s0 --seeds 0 --steps 1000 --val-every 250 --override model.kernels=fast"
         gc="--num-train 48000 --train-sources gcide --corpus $PWD/artifacts/data/asr_corpus_gcide"
         nomask="--override data.audio_time_mask_window=0"
         arms=""
-        for v in "plain:--num-train 16000" "nomask:--num-train 16000 $nomask" "gcide:$gc" "gcide_nomask:$gc $nomask"; do
+        frozen="--override 'model.trainable.freeze=[lora_]'"  # projector only: the LLM cannot learn the sentences
+        for v in "plain:--num-train 16000" "nomask:--num-train 16000 $nomask" "gcide:$gc" "gcide_nomask:$gc $nomask" \
+          "frozen_llm:--num-train 16000 $frozen"; do
           arms="$arms python3 studies/asr_downsampling.py --out $S/asr_x4_${v%%:*} $x4 ${v#*:} &"
         done
         cmd="python3 -m data.avsr.asr_corpus --num-train 16000 --workers 6 & python3 -m data.avsr.asr_corpus \
