@@ -58,3 +58,4 @@ def test_drop_last_never_empties_an_epoch(tmp_path, tiny_lm):
     _, tokenizer = tiny_lm
     small = corpus_module(tmp_path, tokenizer, words=40, drop_last=True, val_file=None)
     assert len(small.train_set) < 4 and len(list(small.train_dataloader())) == 1
+    assert not any("data.drop_last" in line for line in small.summary_lines())  # nothing was left out

@@ -112,7 +112,7 @@ class TextDataModule(L.LightningDataModule):
         dropped = sum(getattr(d, "dropped_tokens", 0) for d in self._datasets())
         if dropped:
             lines.append(f"  {dropped} token(s) of a last, shorter block dropped (data.full_blocks_only)")
-        if self.drop_last and len(self.train_set) % self.batch_size:
+        if self._drops_last_batch() and len(self.train_set) % self.batch_size:
             lines.append(
                 f"  {len(self.train_set) % self.batch_size} training row(s) per epoch left out of the last, "
                 "smaller batch (data.drop_last; a reshuffled epoch trains on them)"
@@ -143,8 +143,11 @@ class TextDataModule(L.LightningDataModule):
         )
 
     def train_dataloader(self) -> DataLoader:
-        drop_last = self.drop_last and len(self.train_set) >= self.batch_size  # never an empty epoch
-        return self._loader(self.train_set, self.batch_size, shuffle=True, drop_last=drop_last)
+        return self._loader(self.train_set, self.batch_size, shuffle=True, drop_last=self._drops_last_batch())
+
+    def _drops_last_batch(self) -> bool:
+        """data.drop_last, unless the training set is smaller than one batch (never an empty epoch)."""
+        return self.drop_last and len(self.train_set) >= self.batch_size
 
     def val_dataloader(self) -> DataLoader:
         return self._loader(self.val_set, self.eval_batch_size, shuffle=False)
