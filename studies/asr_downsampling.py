@@ -42,6 +42,7 @@ SINK_FIELDS = (
     "intermediate_sink_activation_ratio",
 )
 WER_GOAL_X4 = 0.15
+WHISPER_DIR = REPO / "artifacts/models/whisper-tiny.en"  # converted once from the offline wheel
 
 
 @dataclass(frozen=True)
@@ -172,9 +173,7 @@ def prepare_assets(args: argparse.Namespace) -> None:
     if not args.smoke and not args.whisper_dir:
         from models.avsr.audio_encoder import ensure_converted_whisper
 
-        print(
-            f"[study] whisper: {ensure_converted_whisper('tiny.en', REPO / 'artifacts/models/whisper-tiny.en')}"
-        )
+        print(f"[study] whisper: {ensure_converted_whisper('tiny.en', WHISPER_DIR)}")
     if not args.smoke:
         write_whisper_reference(Path(args.out).resolve(), args)
 
@@ -187,9 +186,7 @@ def write_whisper_reference(study_dir: Path, args: argparse.Namespace) -> None:
     out = study_dir / "whisper_reference_val.json"
     if out.exists():
         return
-    whisper = (
-        Path(args.whisper_dir).resolve() if args.whisper_dir else REPO / "artifacts/models/whisper-tiny.en"
-    )
+    whisper = Path(args.whisper_dir).resolve() if args.whisper_dir else WHISPER_DIR
     try:
         result = reference_wer(corpus_root(args), "val", whisper)
     except Exception as error:  # the reference is context, not an arm: the study goes on

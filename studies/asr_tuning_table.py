@@ -17,7 +17,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from studies.arms import Arm, arm_dir, arm_results  # noqa: E402
+from studies.arms import Arm, arm_results  # noqa: E402
 from studies.asr_downsampling import ArmSpec, val_wer_curve  # noqa: E402
 
 
@@ -45,7 +45,6 @@ def variant_rows(root: Path, arm: str = "x4_base_s0", pattern: str = "asr_x4_*")
                 "scored_val_wer": after.get("val/wer"),
                 "test_wer": after.get("test/wer"),
                 "finished": bool(results),
-                "folder": str(arm_dir(folder, Arm(arm))),
             }
         )
     return rows

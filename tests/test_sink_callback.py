@@ -12,6 +12,7 @@ from torch.utils.data import DataLoader
 
 from diagnostics.callback import SinkDiagnosticsCallback, _first_val_dataloader
 from models.segments import PROMPT
+from tests.lightning_utils import quiet_cpu_trainer
 
 TEXTS = ["The cat sat on the mat.", "Dogs bark at night.", "Rain falls on the quiet town.", "Hello there."]
 
@@ -55,18 +56,12 @@ class TinyLM(L.LightningModule):
 
 
 def tiny_trainer(tmp_path, **settings) -> L.Trainer:
-    """A quiet CPU Trainer for these tests (no logger, no sanity check, one validation batch); `settings`
-    adds to or overrides the defaults."""
+    """The quiet CPU Trainer with checkpointing on (Lightning's default), no sanity check and one
+    validation batch; `settings` add to or override these."""
     defaults = dict(
-        accelerator="cpu",
-        logger=False,
-        default_root_dir=tmp_path,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        limit_val_batches=1,
+        enable_checkpointing=True, default_root_dir=tmp_path, num_sanity_val_steps=0, limit_val_batches=1
     )
-    return L.Trainer(**{**defaults, **settings})
+    return quiet_cpu_trainer(**{**defaults, **settings})
 
 
 class TextData(L.LightningDataModule):
