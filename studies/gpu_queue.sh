@@ -10,6 +10,8 @@
 #   phase 3  (nothing)                               -> wait up to WAIT_S, then pack results into $OUT
 #   phase stage  carry .stage/whisper/part00 .debs, then .stage/whisper/part01 (two calls: Whisper tiny.en and
 #            flite for study 2, beside the SmolLM2 phases; each call only stages, in seconds)
+#   phase corpus carry .whl .debs -> study 2's corpus builds detached on every core (minutes) while later calls
+#            stage; phase 2's study 2 jobs wait for it. Results over 15 MB come back as results.tgz.partNN (cat).
 # .gpu: tokenizer/ + demo_sft_train.jsonl (benchmarks); .gpu2 (carry its files one by one: with the repository
 # and part01 the whole folder is over 64 MiB; phase 2 unpacks whichever came): pd_text.tgz (artifacts/data/pd_text) and
 # meap_data.tgz (`studies/meap_passkey.py --prepare-only`'s data/ folder: its haystacks need Debian text).
@@ -45,10 +47,15 @@ start() {  # name, command...: a detached job with its own log and exit-code fil
 collect() {  # every arm's logs, sinks and reports so far -> $OUT/results.tgz
   for f in $S/logs/*.log; do [ -f "$f" ] && { echo "---- $(basename $f) (tail)"; tail -n 5 "$f"; }; done
   nvidia-smi --query-gpu=index,utilization.gpu,memory.used --format=csv,noheader
+  # weights stay on the machine (*.pt: an AVSR arm's projector file is 5 MB, five of them put the archive
+  # over the 16 MiB a returned file may be); an archive still over 15 MB comes back in parts (cat to join)
   (cd $S && tar czf "$OUT/results.tgz" --exclude='*.ckpt' --exclude='adapter' --exclude='*.safetensors' \
-    --exclude='data' --exclude='wandb' --exclude='merged' --exclude='student_model' \
+    --exclude='*.pt' --exclude='data' --exclude='wandb' --exclude='merged' --exclude='student_model' \
     logs $(ls -d decorr_text adl_robustness adl_robustness_low leaf_vs_kd leaf_vs_kd_b meap_passkey asr_downsampling* asr_x4_* \
       2>/dev/null))
+  if [ "$(stat -c %s "$OUT/results.tgz")" -gt 15000000 ]; then
+    split -b 15000000 -d "$OUT/results.tgz" "$OUT/results.tgz.part" && rm "$OUT/results.tgz"
+  fi
   ls -la "$OUT"
 }
 wait_jobs() {  # up to $1 seconds, or until every started job has an exit code
@@ -76,6 +83,8 @@ case $phase in
   export UNSINK_ARMS_PER_GPU=8  # every arm of a study at once on the one GPU (launch-bound models)
   export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True  # less fragmentation with several arms per GPU
   chain=""
+  # study 2's jobs start once the corpus job (phase `corpus`) has an exit code; without one they build it
+  wait_corpus="while [ -f $S/logs/corpus.log ] && [ ! -f $S/logs/corpus.rc ]; do sleep 5; done;"
   for study in ${STUDIES:-3 5b}; do
     case $study in
       1) cmd="python3 studies/decorr_text.py --weights ${DECORR_WEIGHTS:-10,100} --out $S/decorr_text" ;;
@@ -84,16 +93,27 @@ case $phase in
       4) cmd="python3 studies/leaf_vs_kd.py --out $S/leaf_vs_kd --micro-batch 32" ;;
       4b) cmd="python3 studies/leaf_vs_kd.py --out $S/leaf_vs_kd_b --distractors same-item --stage1-student kd --micro-batch 32" ;;
       3) cmd="python3 studies/meap_passkey.py --out $S/meap_passkey --micro-batch 8 ${MEAP_ARGS:-}" ;;
-      2) cmd="python3 studies/asr_downsampling.py --out $S/${ASR_DIR:-asr_downsampling_1k} ${ASR_ARGS:---seeds 0 --num-train 16000 --steps 1000 --val-every 250 --decorr-weight 10 --arms-per-gpu 4 --override model.kernels=fast}" ;;
+      2)  # the study at its val-tuned defaults (48,000 clips with gcide's sentences, no time masking), after the
+        # corpus job of phase `corpus` if one was started; seeds ASR_SEEDS, decorrelation at ASR_WEIGHT
+        cmd="$wait_corpus python3 studies/asr_downsampling.py --out $S/${ASR_DIR:-asr_gcide_w${ASR_WEIGHT:-1}} \
+          ${ASR_ARGS:---seeds ${ASR_SEEDS:-0} --steps 1000 --val-every 250 --decorr-weight ${ASR_WEIGHT:-1} --arms-per-gpu 8 --override model.kernels=fast}" ;;
+      2w)  # a second decorrelation weight (ASR_WEIGHT2) for the same seeds: only the decorrelation arms, beside
+        # study 2's own (the weight is picked by val WER at x32; the report joins the baseline arms later)
+        only=$(for seed in ${ASR_SEEDS:-0}; do echo -n "x4_decorr_s$seed x32_decorr_s$seed "; done)
+        cmd="$wait_corpus python3 studies/asr_downsampling.py --out $S/asr_gcide_w${ASR_WEIGHT2:-10} --seeds ${ASR_SEEDS:-0} \
+          --only $only --steps 1000 --val-every 250 --decorr-weight ${ASR_WEIGHT2:-10} --arms-per-gpu 8 --override model.kernels=fast" ;;
       2v)  # the x4 baseline tuned on val: 2x2 of audio time masking (on/off) and training text (own 16,000
-        # clips / 48,000 with gcide's sentences for training only), plus the projector alone; corpora built first
+        # clips / 48,000 with gcide's sentences for training only), plus the projector alone; corpora built first.
+        # Run 2026-11-29 (docs/results.md); gcide_nomask won and is now the study's default, so each variant
+        # names both settings here
         x4="--only x4_base_s0 --seeds 0 --steps 1000 --val-every 250 --override model.kernels=fast"
-        gc="--num-train 48000 --train-sources gcide --corpus $PWD/artifacts/data/asr_corpus_gcide"
-        nomask="--override data.audio_time_mask_window=0"
+        own="--num-train 16000 --train-sources none"
+        gc="--num-train 48000 --train-sources gcide"
+        mask="--override data.audio_time_mask_window=6400" nomask="--override data.audio_time_mask_window=0"
         arms=""
         frozen="--override 'model.trainable.freeze=[lora_]'"  # projector only: the LLM cannot learn the sentences
-        for v in "plain:--num-train 16000" "nomask:--num-train 16000 $nomask" "gcide:$gc" "gcide_nomask:$gc $nomask" \
-          "frozen_llm:--num-train 16000 $frozen"; do
+        for v in "plain:$own $mask" "nomask:$own $nomask" "gcide:$gc $mask" "gcide_nomask:$gc $nomask" \
+          "frozen_llm:$own $mask $frozen"; do
           arms="$arms python3 studies/asr_downsampling.py --out $S/asr_x4_${v%%:*} $x4 ${v#*:} &"
         done
         cmd="python3 -m data.avsr.asr_corpus --num-train 16000 --workers 6 & python3 -m data.avsr.asr_corpus \
@@ -112,10 +132,15 @@ case $phase in
   wait_jobs "${WAIT_S:-540}"
   collect
   ;;
+corpus)  # carry .whl .debs: study 2's corpus (48,000 train clips, gcide's sentences) builds on every core while
+  # the next calls stage the weights (it took 311 s with 10 processes beside a second build)
+  start corpus "python3 -m data.avsr.asr_corpus --num-train 48000 --train-sources gcide \
+    --out artifacts/data/asr_corpus_gcide --workers $(nproc)"
+  ;;
 stage)  # gpu_env.sh above has copied the carried parts and installed what is complete
   ls /tmp/stage/*/ 2>/dev/null; command -v flite || echo "[queue] flite not unpacked (carry .debs)"
   ;;
 *)
-  echo "[queue] unknown phase $phase (1, 2, 3 or stage)"; exit 2
+  echo "[queue] unknown phase $phase (1, 2, 3, corpus or stage)"; exit 2
   ;;
 esac

@@ -38,14 +38,18 @@ def test_arm_overrides_compose_to_the_intended_run(decorr, tmp_path):
         assert cfg.objective.decorr.weight == 10
     else:
         assert cfg.objective is None
-    assert list(cfg.data.prepare.train_sources) == []  # the corpus's own sentences only, by default
-
-
-def test_train_sources_reach_the_corpus_builder(tmp_path):
-    args = study.parse_args(["--out", str(tmp_path), "--num-train", "48000", "--train-sources", "gcide"])
-    assert study.corpus_params(args)["train_sources"] == ["gcide"]
-    cfg = compose_train(study.arm_overrides(study.ArmSpec(4, False, 0), args) + study.common_overrides(args))
+    # the val-tuned defaults: gcide's sentences for training, 48,000 clips, no audio time masking
     assert list(cfg.data.prepare.train_sources) == ["gcide"] and cfg.data.prepare.num_train == 48000
+    assert cfg.data.audio_time_mask_window == 0
+    assert cfg.data.root.endswith("artifacts/data/asr_corpus_gcide")
+
+
+def test_train_sources_none_keeps_the_corpus_own_sentences(tmp_path):
+    args = study.parse_args(["--out", str(tmp_path), "--num-train", "16000", "--train-sources", "none"])
+    assert "train_sources" not in study.corpus_params(args)
+    cfg = compose_train(study.arm_overrides(study.ArmSpec(4, False, 0), args) + study.common_overrides(args))
+    assert list(cfg.data.prepare.train_sources) == [] and cfg.data.prepare.num_train == 16000
+    assert cfg.data.root.endswith("artifacts/data/asr_corpus")
 
 
 def _fake_arm(study_dir, spec, test_wer, sinks=None):
