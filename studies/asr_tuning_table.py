@@ -23,8 +23,7 @@ from studies.asr_downsampling import ArmSpec, val_wer_curve  # noqa: E402
 
 def variant_rows(root: Path, arm: str = "x4_base_s0", pattern: str = "asr_x4_*") -> list[dict]:
     """One row per variant folder: its val WER curve, best point, and the scored val/test WER if finished."""
-    rate, kind, seed = arm.split("_")
-    spec = ArmSpec(int(rate.removeprefix("x")), kind == "decorr", int(seed.removeprefix("s")))
+    spec = ArmSpec.from_name(arm)
     rows = []
     for folder in sorted(root.glob(pattern)):
         results = arm_results(folder, Arm(arm)) or {}

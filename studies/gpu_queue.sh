@@ -94,14 +94,10 @@ case $phase in
       4b) cmd="python3 studies/leaf_vs_kd.py --out $S/leaf_vs_kd_b --distractors same-item --stage1-student kd --micro-batch 32" ;;
       3) cmd="python3 studies/meap_passkey.py --out $S/meap_passkey --micro-batch 8 ${MEAP_ARGS:-}" ;;
       2)  # the study at its val-tuned defaults (48,000 clips with gcide's sentences, no time masking), after the
-        # corpus job of phase `corpus` if one was started; seeds ASR_SEEDS, decorrelation at ASR_WEIGHT
-        cmd="$wait_corpus python3 studies/asr_downsampling.py --out $S/${ASR_DIR:-asr_gcide_w${ASR_WEIGHT:-1}} \
-          ${ASR_ARGS:---seeds ${ASR_SEEDS:-0} --steps 1000 --val-every 250 --decorr-weight ${ASR_WEIGHT:-1} --arms-per-gpu 8 --override model.kernels=fast}" ;;
-      2w)  # a second decorrelation weight (ASR_WEIGHT2) for the same seeds: only the decorrelation arms, beside
-        # study 2's own (the weight is picked by val WER at x32; the report joins the baseline arms later)
-        only=$(for seed in ${ASR_SEEDS:-0}; do echo -n "x4_decorr_s$seed x32_decorr_s$seed "; done)
-        cmd="$wait_corpus python3 studies/asr_downsampling.py --out $S/asr_gcide_w${ASR_WEIGHT2:-10} --seeds ${ASR_SEEDS:-0} \
-          --only $only --steps 1000 --val-every 250 --decorr-weight ${ASR_WEIGHT2:-10} --arms-per-gpu 8 --override model.kernels=fast" ;;
+        # corpus job of phase `corpus` if one was started; seeds ASR_SEEDS, one loss arm per weight in ASR_WEIGHTS
+        # (the report picks the weight by val WER at x32)
+        cmd="$wait_corpus python3 studies/asr_downsampling.py --out $S/${ASR_DIR:-asr_gcide} ${ASR_ARGS:---seeds \
+          ${ASR_SEEDS:-0} --decorr-weight ${ASR_WEIGHTS:-1 10} --steps 1000 --val-every 250 --arms-per-gpu 8 --override model.kernels=fast}" ;;
       2v)  # the x4 baseline tuned on val: 2x2 of audio time masking (on/off) and training text (own 16,000
         # clips / 48,000 with gcide's sentences for training only), plus the projector alone; corpora built first.
         # Run 2026-11-29 (docs/results.md); gcide_nomask won and is now the study's default, so each variant

@@ -25,7 +25,8 @@ def test_arm_overrides_compose_to_the_intended_run(decorr, tmp_path):
     args = study.parse_args(
         ["--out", str(tmp_path), "--steps", "77", "--lr", "3e-4", "--decorr-weight", "10"]
     )
-    spec = study.ArmSpec(rate=32, decorr=decorr, seed=1)
+    spec = study.ArmSpec(rate=32, decorr=decorr, seed=1, weight=10.0 if decorr else None)
+    assert spec in study.arm_specs(args)
     cfg = compose_train(study.arm_overrides(spec, args) + study.common_overrides(args))
     assert cfg.model.audio_projector.rate == 32 and cfg.seed == 1
     assert cfg.trainer.max_steps == 77 and cfg.optimizer.lr == 3e-4 and cfg.test_after_training
@@ -52,11 +53,53 @@ def test_train_sources_none_keeps_the_corpus_own_sentences(tmp_path):
     assert cfg.data.root.endswith("artifacts/data/asr_corpus")
 
 
-def _fake_arm(study_dir, spec, test_wer, sinks=None):
+def test_several_loss_weights_give_one_named_arm_each(tmp_path):
+    args = study.parse_args(["--out", str(tmp_path), "--seeds", "0", "--decorr-weight", "1", "10"])
+    names = [spec.name for spec in study.arm_specs(args)]
+    assert names == [
+        "x4_base_s0", "x4_decorr_w1_s0", "x4_decorr_w10_s0",
+        "x32_base_s0", "x32_decorr_w1_s0", "x32_decorr_w10_s0",
+    ]  # fmt: skip
+    for name in names + ["x4_decorr_s1", "x32_decorr_w0.5_s2"]:
+        assert study.ArmSpec.from_name(name).name == name
+    weights = {}
+    for spec in study.arm_specs(args):
+        cfg = compose_train(study.arm_overrides(spec, args) + study.common_overrides(args))
+        weights[spec.name] = cfg.objective.decorr.weight if spec.decorr else cfg.objective
+    assert weights["x32_decorr_w1_s0"] == 1 and weights["x4_decorr_w10_s0"] == 10
+    assert weights["x4_base_s0"] is None
+
+
+def test_report_picks_the_loss_weight_by_val_not_test(tmp_path):
+    """With two weights the claims use the one with the lower val WER at x32, even where the other weight
+    has the lower test WER: the test split is read for the report, never for a choice."""
+    args = study.parse_args(["--out", str(tmp_path), "--seeds", "0", "--decorr-weight", "1", "10"])
+    val_test = {
+        "x4_base_s0": (0.30, 0.31), "x4_decorr_w1_s0": (0.31, 0.33), "x4_decorr_w10_s0": (0.50, 0.29),
+        "x32_base_s0": (0.60, 0.62), "x32_decorr_w1_s0": (0.55, 0.58), "x32_decorr_w10_s0": (0.70, 0.40),
+    }  # fmt: skip
+    specs = study.arm_specs(args)
+    for spec in specs:
+        val, test = val_test[spec.name]
+        _fake_arm(tmp_path, spec, test, val_wer=val)
+    report = study.write_report(tmp_path, specs, args, failures=[]).read_text()
+    assert "Weight picked by val WER at x32 (w1 55.0%, w10 70.0%): w1." in report
+    assert "x32: test WER 62.0% baseline vs 58.0% with the loss (-4.0 points" in report
+    assert "x4: test WER 31.0% baseline vs 33.0% with the loss" in report
+    assert "| x32 | CE + decorr (w=10) | 1 | 70.0 | 40.0 |" in report  # every weight still in the table
+    assert "| x4_decorr_w10_s0 | x4 | CE + decorr (w=10) | 0 |" in report
+
+
+def _fake_arm(study_dir, spec, test_wer, sinks=None, val_wer=None):
     folder = arm_dir(study_dir, Arm(spec.name))
     (folder / "csv").mkdir(parents=True)
     (folder / "command.txt").write_text("python train.py\n")
-    after = {"val/wer": test_wer + 0.01, "test/wer": test_wer, "val/loss": 1.0, "test/loss": 1.1}
+    after = {
+        "val/wer": test_wer + 0.01 if val_wer is None else val_wer,
+        "test/wer": test_wer,
+        "val/loss": 1.0,
+        "test/loss": 1.1,
+    }
     (folder / "results.json").write_text(json.dumps({"step": 10, "before": {"val/wer": 1.0}, "after": after}))
     (folder / "csv" / "metrics.csv").write_text(f"step,val/wer\n0,1.0\n10,{test_wer}\n")
     if sinks is not None:
