@@ -16,6 +16,7 @@ def _demo(*overrides: str) -> dict:
         "data.max_frames": cfg.data.max_frames,
         "data.prepare.num_train": cfg.data.prepare.num_train,
         "scheduler.warmup_steps": cfg.scheduler.warmup_steps,
+        "data.audio_time_mask_window": cfg.data.audio_time_mask_window,
     }
 
 
@@ -33,12 +34,13 @@ def test_demo_keeps_cpu_numbers_and_scales_up_on_a_gpu(cuda, monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
     demo = _demo()
     cpu = {"trainer.max_steps": 80, "trainer.precision": "32-true", "data.max_frames": 400,
-           "data.prepare.num_train": 200, "scheduler.warmup_steps": 5, "trainer.accelerator": "cpu"}  # fmt: skip
+           "data.prepare.num_train": 200, "scheduler.warmup_steps": 5, "trainer.accelerator": "cpu",
+           "data.audio_time_mask_window": 6400}  # fmt: skip
     if not cuda:
         assert demo == cpu
     else:
         assert demo["trainer.precision"] == "bf16-mixed" and demo["trainer.accelerator"] == "gpu"
-        assert all(
-            demo[key] > cpu[key] for key in cpu if key not in ("trainer.precision", "trainer.accelerator")
-        )
+        assert demo["data.audio_time_mask_window"] == 0  # study 2's val tuning: masking off
+        same_kind = ("trainer.precision", "trainer.accelerator", "data.audio_time_mask_window")
+        assert all(demo[key] > cpu[key] for key in cpu if key not in same_kind)
         assert _demo("trainer.accelerator=cpu") == cpu  # forcing the CPU gives the CPU demo back
