@@ -25,8 +25,9 @@
 # (sharing study 1's baseline arm), 5b adl_robustness at lower weights with its own baseline, 4 leaf_vs_kd,
 # 4b leaf_vs_kd with confounding distractors and stage 1 on the KD student, 3 meap_passkey (MEAP_ARGS adds
 # arguments, e.g. "--seeds 0,1"), 2 asr_downsampling
-# (seed 0's four arms for 1,000 steps on 16,000 clips into $S/$ASR_DIR, default asr_downsampling_1k: a new folder, so
-# the 3,000-step arms of 2026-11-29 are not resumed; needs the `stage` calls; ASR_ARGS replaces its arguments); CHAIN=1 runs
+# (at the study's val-tuned defaults, 1,000 steps, seeds ASR_SEEDS (0), one loss arm per weight in ASR_WEIGHTS ("1 10"),
+# into $S/${ASR_DIR:-asr_gcide}; needs the `stage` calls, and `corpus` first saves minutes; ASR_ARGS replaces its
+# arguments); CHAIN=1 runs
 # them one after another in one job (memory-heavy studies: 3 and 4 side by side ran out of memory). Every call ends by packing what exists, so a machine
 # taken back mid-run still returns each arm's CSV log and sink measurements of the calls before.
 # Long jobs start with setsid, so they outlive the call that started them while the machine stays held
