@@ -130,7 +130,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def arm_specs(args: argparse.Namespace) -> list[ArmSpec]:
     rates = sorted(set(args.rates) | ({16} if args.x16 else set()))
-    weights = args.decorr_weight or [None]
+    weights = list(dict.fromkeys(args.decorr_weight or [None]))  # a weight named twice is one arm
     specs = [
         spec
         for seed in args.seeds
