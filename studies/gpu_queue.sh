@@ -23,7 +23,8 @@
 # each in $S/asr_x4_<variant>.
 # STUDIES picks what phase 2 starts (default "3 5b", the queue's next items): 1 decorr_text, 5 adl_robustness
 # (sharing study 1's baseline arm), 5b adl_robustness at lower weights with its own baseline, 4 leaf_vs_kd,
-# 4b leaf_vs_kd with confounding distractors and stage 1 on the KD student, 3 meap_passkey (MEAP_ARGS adds
+# 4b leaf_vs_kd with confounding distractors and stage 1 on the KD student, demo (`make demo`'s command, into
+# $S/demo), 3 meap_passkey (MEAP_ARGS adds
 # arguments, e.g. "--seeds 0,1"), 2 asr_downsampling
 # (at the study's val-tuned defaults, 1,000 steps, seeds ASR_SEEDS (0), one loss arm per weight in ASR_WEIGHTS ("1 10"),
 # into $S/${ASR_DIR:-asr_gcide}; needs the `stage` calls, and `corpus` first saves minutes; ASR_ARGS replaces its
@@ -53,6 +54,7 @@ collect() {  # every arm's logs, sinks and reports so far -> $OUT/results.tgz
   (cd $S && tar czf "$OUT/results.tgz" --exclude='*.ckpt' --exclude='adapter' --exclude='*.safetensors' \
     --exclude='*.pt' --exclude='data' --exclude='wandb' --exclude='merged' --exclude='student_model' \
     logs $(ls -d decorr_text adl_robustness adl_robustness_low leaf_vs_kd leaf_vs_kd_b meap_passkey asr_downsampling* asr_x4_* \
+      asr_gcide* demo \
       2>/dev/null))
   if [ "$(stat -c %s "$OUT/results.tgz")" -gt 15000000 ]; then
     split -b 15000000 -d "$OUT/results.tgz" "$OUT/results.tgz.part" && rm "$OUT/results.tgz"
@@ -99,6 +101,8 @@ case $phase in
         # (the report picks the weight by val WER at x32)
         cmd="$wait_corpus python3 studies/asr_downsampling.py --out $S/${ASR_DIR:-asr_gcide} ${ASR_ARGS:---seeds \
           ${ASR_SEEDS:-0} --decorr-weight ${ASR_WEIGHTS:-1 10} --steps 1000 --val-every 250 --arms-per-gpu 8 --override model.kernels=fast}" ;;
+      demo)  # `make demo`'s command on the GPU (its ${if_gpu:...} branch: 3,000 clips, 1,500 steps): does it transcribe?
+        cmd="python3 train.py experiment=avsr_decorr hydra.run.dir=$S/demo" ;;
       2v)  # the x4 baseline tuned on val: 2x2 of audio time masking (on/off) and training text (own 16,000
         # clips / 48,000 with gcide's sentences for training only), plus the projector alone; corpora built first.
         # Run 2026-11-29 (docs/results.md); gcide_nomask won and is now the study's default, so each variant
