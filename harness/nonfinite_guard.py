@@ -10,6 +10,13 @@ schedule and the step counter still advance. After `max_consecutive` bad steps i
 `NonFiniteTrainingError`. Checkpoints and exports with a non-finite weight are refused.
 With fp16 AMP the GradScaler already skips overflowing steps (that is how it finds its scale): there only a
 non-finite loss counts.
+
+On one device with a fused Adam/AdamW (the default on CUDA: recipes/optim.py) the check costs no host sync:
+the step's flag goes to the optimizer as `found_inf`, the same device-side skip GradScaler uses (parameters,
+moments and step count untouched), and the host reads the flag one step later, when it is long computed
+(a pinned copy and a CUDA event, not a sync of the step in flight). Counting, the warning and the stop after
+`max_consecutive` therefore come one step late; the weights are protected either way. Elsewhere (DDP/FSDP,
+fp16's GradScaler, other optimisers) the host reads the flag in the step itself.
 """
 
 from __future__ import annotations
@@ -87,6 +94,38 @@ def gradients_finite(optimizer) -> torch.Tensor | None:
     return functools.reduce(_and, flags)
 
 
+def skips_on_device(trainer: L.Trainer, optimizer) -> bool:
+    """True when a bad step can be skipped by the optimizer itself (`found_inf`), with no host sync: one
+    process, no GradScaler (it owns `found_inf`), and a fused torch Adam/AdamW."""
+    return (
+        trainer.world_size == 1
+        and getattr(trainer.precision_plugin, "scaler", None) is None
+        and getattr(optimizer, "_step_supports_amp_scaling", False)
+        and all(group.get("fused") for group in optimizer.param_groups)
+    )
+
+
+class PendingFlag:
+    """A step's 0-d device flag (1.0 = bad), readable on the host later without waiting for newer work.
+    `host`: a pinned 0-d buffer to copy into (reused step after step; read before it is reused)."""
+
+    def __init__(self, bad: torch.Tensor, step: int, host: torch.Tensor | None = None):
+        self.step = step
+        self.event = None
+        if bad.is_cuda:
+            self.host = host if host is not None else torch.empty((), dtype=bad.dtype, pin_memory=True)
+            self.host.copy_(bad, non_blocking=True)
+            self.event = torch.cuda.Event()
+            self.event.record()
+        else:
+            self.host = bad
+
+    def read(self) -> bool:
+        if self.event is not None:
+            self.event.synchronize()  # waits for this step's flag only, not for the step in flight
+        return bool(self.host.item())
+
+
 class NonFiniteGuard(Callback):
     """max_consecutive: stop after this many bad optimizer steps in a row."""
 
@@ -97,6 +136,8 @@ class NonFiniteGuard(Callback):
         self.skipped = 0
         self.consecutive = 0
         self._loss_ok: torch.Tensor | None = None
+        self._pending: PendingFlag | None = None  # the last device-skipped step's flag, not yet counted
+        self._host_flag: torch.Tensor | None = None  # PendingFlag's pinned buffer, reused
 
     def on_before_backward(
         self, trainer: L.Trainer, pl_module: L.LightningModule, loss: torch.Tensor
@@ -109,28 +150,51 @@ class NonFiniteGuard(Callback):
         self._loss_ok = None
         if getattr(trainer.precision_plugin, "scaler", None) is None:  # fp16: the scaler skips overflows
             ok = _and(ok, gradients_finite(optimizer))
+        self.settle()  # the previous step's flag, computed long ago
+        if skips_on_device(trainer, optimizer):
+            bad = None if ok is None else (~ok).to(torch.float32)
+            optimizer.found_inf = bad  # the fused step skips itself when bad: no host sync here
+            if bad is not None:
+                self._pending = PendingFlag(bad, trainer.global_step, self._host_flag)
+                self._host_flag = self._pending.host if bad.is_cuda else None
+            return
         local_bad = ok is not None and not bool(ok)  # the one host sync of the step
-        if not trainer.strategy.reduce_boolean_decision(local_bad, all=False):
+        if trainer.strategy.reduce_boolean_decision(local_bad, all=False):
+            optimizer.zero_grad(set_to_none=True)
+            self._count(True, trainer.global_step)
+        else:
+            self._count(False, trainer.global_step)
+
+    def settle(self) -> None:
+        """Count the device-skipped step still pending (stop when it makes `max_consecutive`)."""
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            self._count(pending.read(), pending.step)
+
+    def _count(self, bad: bool, step: int) -> None:
+        if not bad:
             self.consecutive = 0
             return
-        optimizer.zero_grad(set_to_none=True)
         self.skipped += 1
         self.consecutive += 1
         log.warning(
             "non-finite loss or gradient norm at step %d: step skipped (%d in a row, %d in total)",
-            trainer.global_step,
+            step,
             self.consecutive,
             self.skipped,
         )
         if self.consecutive >= self.max_consecutive:
             raise NonFiniteTrainingError(
                 f"{self.consecutive} optimizer steps in a row had a non-finite loss or gradient norm (last at "
-                f"step {trainer.global_step}); the weights are those of step "
-                f"{trainer.global_step - self.consecutive + 1}. Check the learning rate, objective weights and "
-                f"precision, or allow more with {CONFIG_KEY}."
+                f"step {step}); the weights are those of step {step - self.consecutive + 1}. Check the "
+                f"learning rate, objective weights and precision, or allow more with {CONFIG_KEY}."
             )
 
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.settle()
+
     def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
+        self.settle()
         bad = non_finite_names(checkpoint.get("state_dict", {}))
         if bad:
             raise NonFiniteTrainingError(
@@ -138,6 +202,7 @@ class NonFiniteGuard(Callback):
             )
 
     def state_dict(self) -> dict:
+        self.settle()  # a checkpoint stores exact counts
         return {"skipped": self.skipped, "consecutive": self.consecutive}
 
     def load_state_dict(self, state_dict: dict) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from harness import nonfinite_guard
 from harness.nonfinite_guard import NonFiniteGuard, NonFiniteTrainingError, check_finite_weights
 from tests.hydra_utils import compose_train, tiny_sft_overrides
 from train import train
@@ -18,27 +19,51 @@ def _trainable(run_dir):
     return {k: v for k, v in state.items() if "lora_" in k}
 
 
-def test_nan_gradient_at_step_k_is_skipped_counted_and_weights_stay_finite(tmp_path, capsys):
+@pytest.fixture()
+def device_skips(monkeypatch):
+    """Records, per optimizer step, whether the guard let the optimizer skip on the device (no host sync)."""
+    seen = []
+
+    def spy(trainer, optimizer):
+        seen.append(original(trainer, optimizer))
+        return seen[-1]
+
+    original = nonfinite_guard.skips_on_device
+    monkeypatch.setattr(nonfinite_guard, "skips_on_device", spy)
+    return seen
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_nan_gradient_at_step_k_is_skipped_counted_and_weights_stay_finite(
+    tmp_path, capsys, fused, device_skips
+):
+    """foreach AdamW: the host reads the flag and drops the gradients; fused AdamW (CUDA's default, and on CPU
+    when asked): the optimizer skips on the device (`found_inf`) and the host counts it a step later."""
     inject = [
         "+callbacks.fault._target_=tests.fault_injection.NonFiniteGradAtSteps",
         "+callbacks.fault.steps=[1]",
     ]
+    optimizer = [f"optimizer.fused={str(fused).lower()}"]
     bad_dir, ref_dir = tmp_path / "bad", tmp_path / "ref"
-    train(compose_train(tiny_sft_overrides(*FAST, "trainer.max_steps=2", *inject), bad_dir))
+    train(compose_train(tiny_sft_overrides(*FAST, *optimizer, "trainer.max_steps=2", *inject), bad_dir))
     assert "non-finite steps skipped: 1 " in capsys.readouterr().out
-    train(compose_train(tiny_sft_overrides(*FAST, "trainer.max_steps=1"), ref_dir))
+    assert device_skips == [fused] * 2  # the last step's flag is counted at the end of training
+    train(compose_train(tiny_sft_overrides(*FAST, *optimizer, "trainer.max_steps=1"), ref_dir))
     bad, ref = _trainable(bad_dir), _trainable(ref_dir)
     assert bad and all(torch.isfinite(v).all() for v in bad.values())
-    # the skipped step changed nothing (no AdamW moment or weight-decay update): 2 steps, 1 skipped == 1 step
+    # the skipped step changed nothing (no AdamW moment, step count or weight-decay update): 2 steps, 1 skipped
+    # == 1 step
     for key, value in ref.items():
         assert torch.equal(bad[key], value), key
 
 
-def test_consecutive_non_finite_losses_stop_the_run_and_write_nothing(tmp_path):
+@pytest.mark.parametrize("fused", [False, True])
+def test_consecutive_non_finite_losses_stop_the_run_and_write_nothing(tmp_path, fused):
     run_dir = tmp_path / "run"
     cfg = compose_train(
         tiny_sft_overrides(
             *FAST,
+            f"optimizer.fused={str(fused).lower()}",
             "trainer.max_steps=4",
             "objective=[decorr]",
             "objective.decorr.weight=nan",  # every loss is NaN
