@@ -137,6 +137,8 @@ corpus)  # carry .whl .debs: study 2's corpus (48,000 train clips, gcide's sente
   # the next calls stage the weights (it took 311 s with 10 processes beside a second build)
   start corpus "python3 -m data.avsr.asr_corpus --num-train 48000 --train-sources gcide \
     --out artifacts/data/asr_corpus_gcide --workers $(nproc)"
+  # meanwhile, the CUDA branch of the non-finite guard's sync-free skip (pytest comes in .whl), seconds
+  python3 -m pytest -q tests/test_nonfinite_guard.py -k device_skip 2>&1 | tail -n 3
   ;;
 stage)  # gpu_env.sh above has copied the carried parts and installed what is complete
   ls /tmp/stage/*/ 2>/dev/null; command -v flite || echo "[queue] flite not unpacked (carry .debs)"

@@ -3,6 +3,8 @@ error, and no non-finite checkpoint or adapter is ever written."""
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 
@@ -11,6 +13,7 @@ from harness.nonfinite_guard import NonFiniteGuard, NonFiniteTrainingError, chec
 from tests.hydra_utils import compose_train, tiny_sft_overrides
 from train import train
 
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])  # CUDA: on the GPU machine
 FAST = ["scheduler=none", "validate_before_training=false", "callbacks.sink_diagnostics=null"]
 
 
@@ -88,3 +91,35 @@ def test_non_finite_checkpoints_and_exports_are_refused():
         layer.weight[0, 0] = float("nan")
     with pytest.raises(NonFiniteTrainingError, match="refusing to write the adapter.*weight"):
         check_finite_weights(layer, "the adapter")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_device_skip_changes_nothing_and_is_counted_a_step_later(device):
+    """The sync-free path at unit level on every device present (on CUDA: the pinned copy and the event):
+    a bad step leaves weights, moments and step count as they were; the host counts it at the next step."""
+    param = torch.nn.Parameter(torch.ones(4, device=device))
+    optimizer = torch.optim.AdamW([param], lr=0.1, fused=True)
+    trainer = SimpleNamespace(world_size=1, precision_plugin=SimpleNamespace(), global_step=0)
+    guard = NonFiniteGuard(max_consecutive=2)
+
+    def step(loss: float, grad: float) -> None:
+        guard.on_before_backward(trainer, None, torch.tensor(loss, device=device))
+        param.grad = torch.full_like(param, grad)
+        guard.on_before_optimizer_step(trainer, None, optimizer)
+        optimizer.step()
+        trainer.global_step += 1
+
+    step(1.0, 1.0)
+    weights, state = param.detach().clone(), {k: v.clone() for k, v in optimizer.state[param].items()}
+    step(float("nan"), 1.0)  # a non-finite loss
+    assert guard.skipped == 0  # not read yet: no host sync in the step
+    step(1.0, float("inf"))  # a non-finite gradient; the previous step is counted now
+    assert (guard.skipped, guard.consecutive) == (1, 1)
+    assert torch.equal(param.detach(), weights)
+    assert all(torch.equal(optimizer.state[param][k], v) for k, v in state.items())  # step count too
+    with pytest.raises(
+        NonFiniteTrainingError, match="2 optimizer steps in a row.*weights are those of step 1"
+    ):
+        guard.settle()
+    step(1.0, 1.0)  # a good step applies
+    assert not torch.equal(param.detach(), weights) and optimizer.state[param]["step"].item() == 2
