@@ -107,18 +107,15 @@ def skips_on_device(trainer: L.Trainer, optimizer) -> bool:
 
 class PendingFlag:
     """A step's 0-d device flag (1.0 = bad), readable on the host later without waiting for newer work.
-    `host`: a pinned 0-d buffer to copy into (reused step after step; read before it is reused)."""
+    `pinned`: for a CUDA flag, a pinned 0-d float32 CPU buffer to copy into (reused step after step: each
+    flag is read before the next one is copied)."""
 
-    def __init__(self, bad: torch.Tensor, step: int, host: torch.Tensor | None = None):
-        self.step = step
-        self.event = None
+    def __init__(self, bad: torch.Tensor, step: int, pinned: torch.Tensor | None = None):
+        self.step, self.host, self.event = step, bad, None
         if bad.is_cuda:
-            self.host = host if host is not None else torch.empty((), dtype=bad.dtype, pin_memory=True)
-            self.host.copy_(bad, non_blocking=True)
+            self.host = pinned.copy_(bad, non_blocking=True)
             self.event = torch.cuda.Event()
             self.event.record()
-        else:
-            self.host = bad
 
     def read(self) -> bool:
         if self.event is not None:
@@ -137,7 +134,7 @@ class NonFiniteGuard(Callback):
         self.consecutive = 0
         self._loss_ok: torch.Tensor | None = None
         self._pending: PendingFlag | None = None  # the last device-skipped step's flag, not yet counted
-        self._host_flag: torch.Tensor | None = None  # PendingFlag's pinned buffer, reused
+        self._pinned: torch.Tensor | None = None  # PendingFlag's CPU buffer for CUDA flags, made once
 
     def on_before_backward(
         self, trainer: L.Trainer, pl_module: L.LightningModule, loss: torch.Tensor
@@ -155,8 +152,9 @@ class NonFiniteGuard(Callback):
             bad = None if ok is None else (~ok).to(torch.float32)
             optimizer.found_inf = bad  # the fused step skips itself when bad: no host sync here
             if bad is not None:
-                self._pending = PendingFlag(bad, trainer.global_step, self._host_flag)
-                self._host_flag = self._pending.host if bad.is_cuda else None
+                if bad.is_cuda and self._pinned is None:
+                    self._pinned = torch.empty((), dtype=torch.float32, pin_memory=True)
+                self._pending = PendingFlag(bad, trainer.global_step, self._pinned)
             return
         local_bad = ok is not None and not bool(ok)  # the one host sync of the step
         if trainer.strategy.reduce_boolean_decision(local_bad, all=False):

@@ -70,13 +70,6 @@ class ArmSpec:
     def name(self) -> str:
         return f"x{self.rate}_{self.objective}_s{self.seed}"
 
-    @classmethod
-    def from_name(cls, name: str) -> ArmSpec:
-        """The inverse of `name` (x4_base_s0, x32_decorr_s1, x32_decorr_w10_s0)."""
-        rate, *objective, seed = name.split("_")
-        weight = float(objective[1].removeprefix("w")) if len(objective) == 2 else None
-        return cls(int(rate.removeprefix("x")), objective[0] == "decorr", int(seed.removeprefix("s")), weight)
-
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -298,6 +291,7 @@ def arm_row(study_dir: Path, spec: ArmSpec) -> dict | None:
         "rate": spec.rate,
         "decorr": spec.decorr,
         "objective": spec.objective,
+        "weight": spec.weight,
         "seed": spec.seed,
         "val_wer_before": before.get("val/wer"),
         "val_wer": after.get("val/wer"),
@@ -332,8 +326,8 @@ def objective_label(objective: str) -> str:
 
 def loss_objectives(rows: list[dict]) -> list[str]:
     """The loss arms' objectives present ('decorr', or one 'decorr_w<weight>' per weight), in weight order."""
-    found = {r["objective"] for r in rows if r["decorr"]}
-    return sorted(found, key=lambda o: float(o.removeprefix("decorr_w")) if "_w" in o else 0.0)
+    found = {(r["weight"] or 0.0, r["objective"]) for r in rows if r["decorr"]}
+    return [objective for _, objective in sorted(found)]
 
 
 def pick_objective(rows: list[dict], rates: list[int]) -> tuple[str | None, str]:
@@ -346,10 +340,10 @@ def pick_objective(rows: list[dict], rates: list[int]) -> tuple[str | None, str]
     scored = [(mean_over_seeds(rows, rate, o, "val_wer"), o) for o in candidates]
     scored = [(wer, o) for wer, o in scored if wer is not None]
     if not scored:
-        return None, f"no finished x{rate} loss arm to pick a weight by"
+        return None, f"No finished x{rate} loss arm to pick a weight by"
     wer, objective = min(scored)
     listing = ", ".join(f"{o.removeprefix('decorr_')} {100 * w:.1f}%" for w, o in sorted(scored))
-    return objective, f"weight picked by val WER at x{rate} ({listing}): {objective.removeprefix('decorr_')}"
+    return objective, f"Weight picked by val WER at x{rate} ({listing}): {objective.removeprefix('decorr_')}"
 
 
 def claims(rows: list[dict], rates: list[int]) -> list[str]:
@@ -361,10 +355,8 @@ def claims(rows: list[dict], rates: list[int]) -> list[str]:
         lines.append(f"- Pipeline learns: x4 baseline test WER {100 * x4:.1f}% (goal <= 15%): {verdict}.")
     objective, why = pick_objective(rows, rates)
     if why:
-        lines.append(f"- {why[0].upper()}{why[1:]}.")
-    for rate in rates:
-        if objective is None:
-            break
+        lines.append(f"- {why}.")
+    for rate in rates if objective else []:
         base, loss = (
             mean_over_seeds(rows, rate, "base", "test_wer"),
             mean_over_seeds(rows, rate, objective, "test_wer"),
@@ -486,8 +478,9 @@ def sink_section(study_dir: Path, specs: list[ArmSpec]) -> list[str]:
     return lines
 
 
-def val_wer_curve(study_dir: Path, spec: ArmSpec) -> list[tuple[int, float]]:
-    path = arm_dir(study_dir, Arm(spec.name)) / "csv" / "metrics.csv"
+def val_wer_curve(study_dir: Path, arm: str) -> list[tuple[int, float]]:
+    """(step, val WER) of one arm's CSV log, by arm name."""
+    path = arm_dir(study_dir, Arm(arm)) / "csv" / "metrics.csv"
     if not path.exists():
         return []
     import csv
@@ -530,7 +523,7 @@ def write_plots(study_dir: Path, rows: list[dict], specs: list[ArmSpec]) -> list
         figure.savefig(study_dir / "test_wer_by_rate.png", dpi=120)
         plt.close(figure)
         names.append("test_wer_by_rate.png")
-    curves = {spec.name: val_wer_curve(study_dir, spec) for spec in specs}
+    curves = {spec.name: val_wer_curve(study_dir, spec.name) for spec in specs}
     if any(curves.values()):
         figure, axis = plt.subplots(figsize=(6.5, 4.0))
         for spec in specs:

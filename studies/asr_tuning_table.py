@@ -18,19 +18,18 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from studies.arms import Arm, arm_results  # noqa: E402
-from studies.asr_downsampling import ArmSpec, val_wer_curve  # noqa: E402
+from studies.asr_downsampling import val_wer_curve  # noqa: E402
 
 
 def variant_rows(root: Path, arm: str = "x4_base_s0", pattern: str = "asr_x4_*") -> list[dict]:
     """One row per variant folder: its val WER curve, best point, and the scored val/test WER if finished."""
-    spec = ArmSpec.from_name(arm)
     rows = []
     for folder in sorted(root.glob(pattern)):
         results = arm_results(folder, Arm(arm)) or {}
         end = results.get("step")  # the validation after training (of the scored checkpoint) is not a point
         curve = [
             (step, wer)
-            for step, wer in val_wer_curve(folder, spec)
+            for step, wer in val_wer_curve(folder, arm)
             if 0 < step and (end is None or step < end)
         ]
         after = results.get("after", {})
