@@ -113,6 +113,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--arms-per-gpu", type=int, default=4, help="arms run at once on each GPU (launch-bound)")
     p.add_argument("--workers", type=int, default=0, help="corpus build processes (0: all cores)")
     p.add_argument("--override", action="append", default=[], help="extra Hydra override for every arm")
+    p.add_argument(
+        "--loss-override",
+        action="append",
+        default=[],
+        help="extra Hydra override for the loss arms only, e.g. objective.decorr.tokens=sinks or "
+        "objective.decorr.start_step=400 (give such a variant its own --out)",
+    )
     p.add_argument("--report-only", action="store_true", help="write the report from finished arms")
     p.add_argument("--smoke", action="store_true", help="tiny models, tiny corpus, CPU, a few steps")
     args = p.parse_args(argv)
@@ -194,7 +201,7 @@ def arm_overrides(spec: ArmSpec, args: argparse.Namespace) -> list[str]:
     overrides = [f"experiment={experiment}", f"model.audio_projector.rate={spec.rate}", f"seed={spec.seed}"]
     if spec.decorr and spec.weight is not None:
         overrides.append(f"objective.decorr.weight={spec.weight:g}")
-    return overrides
+    return overrides + (list(args.loss_override) if spec.decorr else [])
 
 
 def prepare_assets(args: argparse.Namespace) -> None:

@@ -25,10 +25,10 @@
 # (sharing study 1's baseline arm), 5b adl_robustness at lower weights with its own baseline, 4 leaf_vs_kd,
 # 4b leaf_vs_kd with confounding distractors and stage 1 on the KD student, demo (`make demo`'s command, into
 # $S/demo), 3 meap_passkey (MEAP_ARGS adds
-# arguments, e.g. "--seeds 0,1"), 2 asr_downsampling
-# (at the study's val-tuned defaults, 1,000 steps, seeds ASR_SEEDS (0), one loss arm per weight in ASR_WEIGHTS ("1 10"),
-# into $S/${ASR_DIR:-asr_gcide}; needs the `stage` calls, and `corpus` first saves minutes; ASR_ARGS replaces its
-# arguments); CHAIN=1 runs
+# arguments, e.g. "--seeds 0,1"), 2 asr_downsampling (at the study's val-tuned defaults, 1,000 steps, seeds
+# ASR_SEEDS (0), one loss arm per weight in ASR_WEIGHTS ("1 10"), into $S/${ASR_DIR:-asr_gcide}; needs the `stage`
+# calls, and `corpus` first saves minutes; ASR_ARGS replaces its arguments), 2s (the same with the loss on sink
+# tokens only, from step 400, into $S/asr_gcide_sinks_late); CHAIN=1 runs
 # them one after another in one job (memory-heavy studies: 3 and 4 side by side ran out of memory). Every call ends by packing what exists, so a machine
 # taken back mid-run still returns each arm's CSV log and sink measurements of the calls before.
 # Long jobs start with setsid, so they outlive the call that started them while the machine stays held
@@ -101,6 +101,11 @@ case $phase in
         # (the report picks the weight by val WER at x32)
         cmd="$wait_corpus python3 studies/asr_downsampling.py --out $S/${ASR_DIR:-asr_gcide} ${ASR_ARGS:---seeds \
           ${ASR_SEEDS:-0} --decorr-weight ${ASR_WEIGHTS:-1 10} --steps 1000 --val-every 250 --arms-per-gpu 8 --override model.kernels=fast}" ;;
+      2s)  # the eighth session's follow-up (docs/results.md): the loss on sink tokens only (cosine to BOS above
+        # 0.5: what the paper means to remove) and switched on at step 400, after the baseline's x4 transition
+        cmd="$wait_corpus python3 studies/asr_downsampling.py --out $S/asr_gcide_sinks_late --seeds ${ASR_SEEDS:-0} \
+          --decorr-weight ${ASR_WEIGHTS:-1 10} --steps 1000 --val-every 250 --arms-per-gpu 8 --override model.kernels=fast \
+          --loss-override objective.decorr.tokens=sinks --loss-override objective.decorr.start_step=400" ;;
       demo)  # `make demo`'s command on the GPU (its ${if_gpu:...} branch: 3,000 clips, 1,500 steps): does it transcribe?
         cmd="python3 train.py experiment=avsr_decorr hydra.run.dir=$S/demo" ;;
       2v)  # the x4 baseline tuned on val: 2x2 of audio time masking (on/off) and training text (own 16,000

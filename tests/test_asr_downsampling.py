@@ -68,6 +68,23 @@ def test_several_loss_weights_give_one_named_arm_each(tmp_path):
     assert weights["x4_base_s0"] is None
 
 
+def test_loss_overrides_reach_the_loss_arms_only(tmp_path):
+    """The eighth session's follow-up: the loss on sink tokens only, switched on late; baselines unchanged."""
+    args = study.parse_args(
+        ["--out", str(tmp_path), "--seeds", "0", "--decorr-weight", "10"]
+        + ["--loss-override", "objective.decorr.tokens=sinks"]
+        + ["--loss-override", "objective.decorr.start_step=400"]
+    )
+    configs = {
+        spec.name: compose_train(study.arm_overrides(spec, args) + study.common_overrides(args))
+        for spec in study.arm_specs(args)
+        if spec.rate == 32
+    }
+    loss = configs["x32_decorr_w10_s0"].objective.decorr
+    assert loss.tokens == "sinks" and loss.start_step == 400 and loss.weight == 10
+    assert configs["x32_base_s0"].objective is None
+
+
 def test_report_picks_the_loss_weight_by_val_not_test(tmp_path):
     """With two weights the claims use the one with the lower val WER at x32, even where the other weight
     has the lower test WER: the test split is read for the report, never for a choice."""

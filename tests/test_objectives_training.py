@@ -288,3 +288,30 @@ def test_adl_rows_follow_the_sample_key_not_the_step(monkeypatch):
         with pytest.raises(Drawn):
             objective.loss(ctx)
     assert not torch.equal(drawn[0], drawn[1]) and torch.equal(drawn[0], drawn[2])
+
+
+@pytest.mark.parametrize("cls", [BosDecorrelationObjective, AttentionDiversityObjective, MeapObjective])
+def test_weight_is_zero_before_start_step_then_warms_up(cls):
+    """`start_step` switches a loss on late (study 2: after the speech model has started to read its audio),
+    then `warmup_steps` ramps it from there; every objective's config takes both."""
+    objective = cls(weight=2.0, warmup_steps=4, start_step=10)
+    weights = [objective.weight_at(step) for step in (0, 9, 10, 11, 13, 50)]
+    assert weights == [0.0, 0.0, 0.5, 1.0, 2.0, 2.0]
+    assert BosDecorrelationObjective(weight=3.0).weight_at(0) == 3.0  # defaults: on from step 0
+    with pytest.raises(ValueError, match="start_step"):
+        cls(weight=1.0, start_step=-1)
+
+
+def test_objective_configs_take_start_step():
+    from pathlib import Path
+
+    from hydra.utils import instantiate
+    from omegaconf import OmegaConf
+
+    conf = Path(__file__).resolve().parent.parent / "conf/objective"
+    for name in ("decorr", "adl", "leaf"):
+        cfg = OmegaConf.load(conf / f"{name}.yaml")[name]
+        assert cfg.start_step == 0
+    cfg = OmegaConf.load(conf / "decorr.yaml").decorr
+    cfg.start_step = 400
+    assert instantiate(cfg).weight_at(399) == 0.0 and instantiate(cfg).weight_at(400) > 0

@@ -49,13 +49,14 @@ class AttentionDiversityObjective(Objective):
         self,
         weight: float = 1.0,
         warmup_steps: int = 0,
+        start_step: int = 0,
         layers: Sequence[int] | None = None,
         num_rows: int = 64,
         threshold: float = 2.0,
         causal: bool = True,
         seed: int = 0,
     ):
-        super().__init__(weight, warmup_steps)
+        super().__init__(weight, warmup_steps, start_step)
         if num_rows < 1:
             raise ValueError(f"adl.num_rows must be >= 1, got {num_rows}")
         self.layers = list(layers) if layers is not None else None

@@ -53,7 +53,8 @@ class ObjectiveContext:
 
 
 class Objective:
-    """Base class; subclasses override what they need. `weight` may warm up linearly over steps."""
+    """Base class; subclasses override what they need. The weight is 0 before `start_step`, then warms up
+    linearly over `warmup_steps` (e.g. a loss switched on once a speech model has started to read its audio)."""
 
     name: str = "objective"
     needs_hidden_states: bool = False
@@ -61,16 +62,21 @@ class Objective:
     reduction: str = "mean"
     rewrites_token_ids: bool = False  # transform_batch edits `input_ids` (text recipes only)
 
-    def __init__(self, weight: float = 1.0, warmup_steps: int = 0):
+    def __init__(self, weight: float = 1.0, warmup_steps: int = 0, start_step: int = 0):
         if weight < 0:
             raise ValueError(f"{self.name}: weight must be >= 0, got {weight}")
+        if start_step < 0 or warmup_steps < 0:
+            raise ValueError(f"{self.name}: start_step and warmup_steps must be >= 0")
         self.weight = float(weight)
         self.warmup_steps = int(warmup_steps)
+        self.start_step = int(start_step)
 
     def weight_at(self, step: int) -> float:
+        if step < self.start_step:
+            return 0.0
         if self.warmup_steps <= 0:
             return self.weight
-        return self.weight * min(1.0, (step + 1) / self.warmup_steps)
+        return self.weight * min(1.0, (step - self.start_step + 1) / self.warmup_steps)
 
     def attention_layers(self, num_layers: int) -> list[int] | None:
         return None

@@ -49,12 +49,13 @@ class BosDecorrelationObjective(Objective):
         self,
         weight: float = 1.0e4,
         warmup_steps: int = 0,
+        start_step: int = 0,
         tokens: str = "input_side",
         layers: Sequence[int] | None = None,
         margin: float = 0.0,
         sink_threshold: float = 0.5,
     ):
-        super().__init__(weight, warmup_steps)
+        super().__init__(weight, warmup_steps, start_step)
         if tokens not in TOKEN_SETS:
             raise ValueError(f"decorr.tokens must be one of {TOKEN_SETS}, got {tokens!r}")
         self.tokens = tokens

@@ -54,8 +54,9 @@ class LeafDistillationObjective(Objective):
         teacher_dtype: str = "bf16",
         weight: float = 1.0,
         warmup_steps: int = 0,
+        start_step: int = 0,
     ):
-        super().__init__(weight, warmup_steps)
+        super().__init__(weight, warmup_steps, start_step)
         if temperature <= 0:
             raise ValueError(f"leaf.temperature must be > 0, got {temperature}")
         self.teacher_source = teacher

@@ -62,8 +62,9 @@ class MeapObjective(Objective):
         mask_token: str = "[MASK]",
         weight: float = 0.0,
         warmup_steps: int = 0,
+        start_step: int = 0,
     ):
-        super().__init__(weight, warmup_steps)
+        super().__init__(weight, warmup_steps, start_step)
         if mode not in MODES:
             raise ValueError(f"meap.mode must be one of {MODES}, got {mode!r}")
         self.mode = mode
