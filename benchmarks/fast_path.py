@@ -419,12 +419,15 @@ def lm1b(args) -> list[dict]:
         "liger": lambda: recipe_row(
             "recipe fast, liger CE", "fast", "none", B, T, args, {"fused_cross_entropy": "liger"}
         ),
+        "chunked": lambda: recipe_row(  # the pure-torch loss (gradient in the forward pass, as Liger's)
+            "recipe fast, chunked CE", "fast", "none", B, T, args, {"fused_cross_entropy": "chunked"}
+        ),
         "long": lambda: recipe_row("recipe fast", "fast", "none", long_b, long_t, args),
         "long_adl": lambda: recipe_row("recipe fast + adl", "fast", "adl", long_b, long_t, args),
     }
     for objective in ("decorr", "adl", "meap", "leaf"):
         plan[objective] = partial(recipe_row, f"recipe fast + {objective}", "fast", objective, B, T, args)
-    default = ["bare", "plain", "fast", "liger", "decorr", "adl", "meap", "leaf", "long", "long_adl"]
+    default = ["bare", "plain", "fast", "liger", "chunked", "decorr", "adl", "meap", "leaf", "long", "long_adl"]
     names = args.rows.split(",") if args.rows else [n for n in default if not (args.tiny and n == "liger")]
     return [plan[name]() for name in names]
 

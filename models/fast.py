@@ -8,7 +8,8 @@ teacher or a reference model built in the same process keeps the plain code):
   autocast runs their matmuls in bf16, as on the plain path.
 - LoRA dropout `lora_dropout` (0): peft then skips the dropout kernel and the extra copy of every input.
 - the training loss without [B,T,V] logits (`fused_cross_entropy`): `chunked` (models/fast_loss.py, pure
-  torch, any device), `liger` (liger-kernel's fused linear cross-entropy, CUDA: the gradient is computed
+  torch, any device; with a frozen head, as under LoRA, the gradient is computed in the forward pass:
+  models/fused_linear_ce.py), `liger` (liger-kernel's fused linear cross-entropy, CUDA: the gradient is computed
   in the forward pass, no recomputation) or `auto` (liger where it imports, CUDA is present, the model is
   at least 1024 wide and no embedding row trains through peft's trainable tokens, else chunked). Skipped
   when an objective reads the logits (LeaF): that objective gets full logits and pays for them.

@@ -1,9 +1,12 @@
 """Next-token cross-entropy without the [B,T,V] logits: the LM head and the loss run chunk by chunk.
 
 `chunked_lm_loss` equals transformers' `ForCausalLMLoss` (labels shifted left by one, -100 ignored, mean
-over target tokens), but keeps at most `chunk_tokens` x V logits alive: each chunk's logits are recomputed
-in the backward pass (activation checkpointing) instead of stored. At Llama-3.2-1B shape, B=8, T=2048 the
-stored logits alone are 8.4 GB in bf16 (16.8 GB as the fp32 copy the loss makes).
+over target tokens), but keeps at most `chunk_tokens` x V logits alive. At Llama-3.2-1B shape, B=8, T=2048
+the stored logits alone are 8.4 GB in bf16 (16.8 GB as the fp32 copy the loss makes). When the head is a
+frozen, bias-free Linear (LoRA's usual case), optionally under peft's trainable tokens (MEAP's `[MASK]`
+row), the gradient is computed in the forward pass (models/fused_linear_ce.py: one head GEMM per chunk
+fewer); any other head (trainable, LoRA-wrapped, with a bias) recomputes each chunk's logits in backward
+(activation checkpointing).
 
 `install_chunked_loss(model)` rebinds the `forward` of ONE causal-LM instance (never its class, so a
 teacher or a reference model built in the same process is untouched): while training with labels it
@@ -19,13 +22,35 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
+from models.fused_linear_ce import fused_linear_cross_entropy
 from models.segments import IGNORE_INDEX
+from models.trainable_tokens import row_sparse_parts
 
 
 def _chunk_loss_sum(lm_head: torch.nn.Module, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """hidden [N,D], labels [N] -> summed CE over labels != -100 (fp32 logits, as transformers)."""
     logits = lm_head(hidden).float()
     return F.cross_entropy(logits, labels, ignore_index=IGNORE_INDEX, reduction="sum")
+
+
+def frozen_head_parts(lm_head: torch.nn.Module):
+    """(weight [V,D], rows [R] or None, delta [R,D] or None) when the fused loss can run this head: a
+    frozen, bias-free plain Linear, or peft's trainable tokens over one (row-sparse, one adapter); else None."""
+    lm_head = getattr(lm_head, "token_adapter", lm_head)  # peft's TrainableTokensWrapper around the layer
+    if isinstance(lm_head, torch.nn.Linear):
+        frozen = lm_head.bias is None and not lm_head.weight.requires_grad
+        plain = type(lm_head.weight.data) is torch.Tensor  # not a DTensor shard (FSDP): keep autograd there
+        return (lm_head.weight, None, None) if frozen and plain else None
+    if hasattr(lm_head, "trainable_tokens_delta") and isinstance(
+        getattr(lm_head, "base_layer", None), torch.nn.Linear
+    ):
+        parts = row_sparse_parts(lm_head)
+        if parts is None:
+            return None
+        base = lm_head.base_layer
+        if base.bias is None and not base.weight.requires_grad and type(base.weight.data) is torch.Tensor:
+            return parts
+    return None
 
 
 def chunked_lm_loss(
@@ -43,6 +68,10 @@ def chunked_lm_loss(
     """
     shifted = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX).reshape(-1)
     flat = hidden.reshape(-1, hidden.shape[-1])
+    parts = frozen_head_parts(lm_head) if torch.is_grad_enabled() else None
+    if parts is not None:
+        weight, rows, delta = parts
+        return fused_linear_cross_entropy(flat, weight, shifted, chunk_tokens, rows, delta)
     total = hidden.new_zeros((), dtype=torch.float32)
     for start in range(0, flat.shape[0], chunk_tokens):
         h, y = flat[start : start + chunk_tokens], shifted[start : start + chunk_tokens]

@@ -66,6 +66,17 @@ def _row_sparse_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     return out * embed_scale.to(out.dtype) if embed_scale is not None else out
 
 
+def row_sparse_parts(layer) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    """(base weight [V,D], trainable row ids [R], their delta [R,D]) of a TrainableTokensLayer with one
+    active, unmerged adapter; None otherwise. What the fused loss (models/fused_linear_ce.py) needs."""
+    name = _single_active(layer)
+    if name is None:
+        return None
+    weight = layer.base_layer.weight
+    rows, _ = _index_tensors(layer, name, weight.shape[0], weight.device)
+    return weight, rows, layer.trainable_tokens_delta[name]
+
+
 def use_row_sparse_trainable_tokens(model: torch.nn.Module) -> int:
     """Patch every peft TrainableTokensLayer of `model`; returns how many were patched (idempotent)."""
     from peft.tuners.trainable_tokens.layer import TrainableTokensLayer
