@@ -427,7 +427,7 @@ def lm1b(args) -> list[dict]:
     }
     for objective in ("decorr", "adl", "meap", "leaf"):
         plan[objective] = partial(recipe_row, f"recipe fast + {objective}", "fast", objective, B, T, args)
-    default = ["bare", "plain", "fast", "liger", "chunked", "decorr", "adl", "meap", "leaf", "long", "long_adl"]
+    default = ["bare", "plain", "fast", "liger", "chunked", "decorr", "adl", "meap", "leaf", "long", "long_adl"]  # fmt: skip
     names = args.rows.split(",") if args.rows else [n for n in default if not (args.tiny and n == "liger")]
     return [plan[name]() for name in names]
 
