@@ -315,3 +315,21 @@ def test_objective_configs_take_start_step():
     cfg = OmegaConf.load(conf / "decorr.yaml").decorr
     cfg.start_step = 400
     assert instantiate(cfg).weight_at(399) == 0.0 and instantiate(cfg).weight_at(400) > 0
+
+
+def test_decorr_counts_later_empty_batches_without_reading_them_each_step(caplog, monkeypatch):
+    """After the first batch, empty selections add to a device-side count read every EMPTY_CHECK_EVERY
+    batches (no host sync per step on the GPU); none is lost, and the warning names how many."""
+    from recipes.objectives import decorr as decorr_module
+
+    monkeypatch.setattr(decorr_module, "EMPTY_CHECK_EVERY", 10)
+    selects = _decorr_context(torch.tensor([[-100, -100, 6, 7]]))
+    empty = _decorr_context(torch.tensor([[-100, 5, 6, 7]]))
+    objective = BosDecorrelationObjective(tokens="input_side")
+    with caplog.at_level(logging.WARNING, logger="recipes.objectives.decorr"):
+        for call in range(1, 21):  # calls 4 and 6 select nothing; the count is read at calls 10 and 20
+            objective.loss(empty if call in (4, 6) else selects)
+            if call == 9:
+                assert "selected no position" not in caplog.text
+    assert objective.empty_batches == 2
+    assert caplog.text.count("selected no position in 2 batch(es)") == 1

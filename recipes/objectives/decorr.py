@@ -27,6 +27,9 @@ def input_side_mask(attention_mask: torch.Tensor, labels: torch.Tensor) -> torch
     return before & attention_mask.bool()
 
 
+EMPTY_CHECK_EVERY = 100  # batches between reads of the device-side count of empty selections
+
+
 class BosDecorrelationObjective(Objective):
     """Penalise cos^2 between each selected hidden state and the first position's, mean over layers.
 
@@ -87,12 +90,28 @@ class BosDecorrelationObjective(Objective):
                 "decorr needs hidden states: the recipe must run the LLM with output_hidden_states"
             )
         mask = self.token_mask(ctx)
-        if not mask[:, 1:].any():
-            self._nothing_selected(ctx)
+        self._count_empty(ctx, ~mask[:, 1:].any())
         return bos_decorrelation_loss(ctx.hidden_states, mask, self._layers(ctx), self.margin)
 
-    def _nothing_selected(self, ctx: ObjectiveContext) -> None:
-        """No position t >= 1 selected in the whole batch: the loss would be 0. Raise when that is structural
+    def _count_empty(self, ctx: ObjectiveContext, empty: torch.Tensor) -> None:
+        """Count batches that select no position without a host sync in every step: the first batch is read
+        at once (a structural empty selection raises before any training), later ones add to a device-side
+        count read every EMPTY_CHECK_EVERY batches (reading it waits for the forward pass, which a
+        launch-bound fast step cannot afford each step)."""
+        self._calls = getattr(self, "_calls", 0) + 1
+        if self._calls == 1:
+            if bool(empty):
+                self._nothing_selected(ctx, 1)
+            return
+        pending = getattr(self, "_pending_empty", None)
+        self._pending_empty = empty.long() if pending is None else pending + empty
+        if self._calls % EMPTY_CHECK_EVERY == 0:
+            count, self._pending_empty = int(self._pending_empty), None
+            if count:
+                self._nothing_selected(ctx, count)
+
+    def _nothing_selected(self, ctx: ObjectiveContext, count: int) -> None:
+        """`count` batches selected no position t >= 1: their loss was 0. Raise when that is structural
         (input_side on data where every real position is a target, e.g. data=text_lm), warn otherwise."""
         real = ctx.batch["attention_mask"].bool()
         every_position_is_a_target = bool((ctx.batch["labels"] != IGNORE_INDEX)[real].all())
@@ -102,11 +121,11 @@ class BosDecorrelationObjective(Objective):
                 "(plain-text LM data such as data=text_lm has no input side), so the loss would stay 0. "
                 "Set objective.decorr.tokens=non_pad (or tokens=sinks)."
             )
-        self.empty_batches = getattr(self, "empty_batches", 0) + 1
-        if self.empty_batches == 1 or self.empty_batches % 100 == 0:
-            log.warning(
-                "decorr (tokens=%s) selected no position in this batch: its loss is 0 for this step "
-                "(%d such batches so far)",
-                self.tokens,
-                self.empty_batches,
-            )
+        self.empty_batches = getattr(self, "empty_batches", 0) + count
+        log.warning(
+            "decorr (tokens=%s) selected no position in %d batch(es): the loss was 0 there "
+            "(%d such batches so far)",
+            self.tokens,
+            count,
+            self.empty_batches,
+        )
