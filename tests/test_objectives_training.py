@@ -166,7 +166,12 @@ def test_query_rows_are_reproducible_real_and_never_position_zero():
     again = sample_query_positions(attention, 5, torch.Generator().manual_seed(0))
     assert torch.equal(first, again) and first.numel() == 5
     assert (first >= 1).all() and (first <= 7).all() and torch.equal(first, first.sort().values)
-    assert sample_query_positions(attention, 64, torch.Generator()).tolist() == list(range(1, 8))
+    # fewer real positions than rows: every real one (1..7), then positions padded in every row (8, 9)
+    assert sample_query_positions(attention, 64, torch.Generator()).tolist() == list(range(1, 10))
+    counts = torch.zeros(10)  # uniform over the real positions 1..7, never a padded one while enough are real
+    for seed in range(700):
+        counts[sample_query_positions(attention, 3, torch.Generator().manual_seed(seed))] += 1
+    assert counts[0] == 0 and counts[8:].sum() == 0 and counts[1:8].min() > 0.7 * 300
     with pytest.raises(ValueError, match="out of range"):
         AttentionDiversityObjective(layers=[0, 5]).attention_layers(3)
 

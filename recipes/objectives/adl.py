@@ -19,15 +19,25 @@ from recipes.objectives.base import Objective, ObjectiveContext
 def sample_query_positions(
     attention_mask: torch.Tensor, num_rows: int, generator: torch.Generator
 ) -> torch.Tensor:
-    """Sorted [S] long positions, drawn without replacement among t >= 1 that are real in some row.
+    """Sorted [S] long positions t >= 1 on the mask's device, S = min(num_rows, T - 1).
 
-    S = min(num_rows, number of candidates). Position 0 is never drawn (it sees one key: no information).
-    Rows for which a drawn position is padding are skipped by the loss (it gets the key padding mask).
+    Drawn uniformly without replacement among the positions that are real in some row; when fewer than S
+    are, all of them plus positions that are padding in every row, which the loss skips (their rows see no
+    real query). Position 0 is never drawn (it sees one key: no information). No host sync: the
+    permutation comes from `generator` on the host (it needs only T), the mask is read on its device, so a
+    GPU step does not wait here for its forward pass.
     """
-    candidates = attention_mask.bool().any(0).nonzero().flatten().cpu()
-    candidates = candidates[candidates >= 1]
-    order = torch.randperm(candidates.numel(), generator=generator)[:num_rows]
-    return candidates[order].sort().values.to(attention_mask.device)
+    length = attention_mask.shape[1]
+    count = min(num_rows, length - 1)
+    device = attention_mask.device
+    order = torch.randperm(length - 1, generator=generator) + 1  # [T-1], host
+    if device.type == "cuda":
+        order = order.pin_memory().to(device, non_blocking=True)  # pageable copies wait for the stream
+    else:
+        order = order.to(device)
+    real = attention_mask.bool().any(0)[order]  # [T-1], in draw order
+    first_real = (~real).long() * length + torch.arange(length - 1, device=device)  # real ones first
+    return order[first_real.argsort()[:count]].sort().values
 
 
 class AttentionDiversityObjective(Objective):
