@@ -227,8 +227,11 @@ def small(args) -> list[dict]:
 
 
 # ---- 1B shape through the recipe ---------------------------------------------------------------------
-def random_llama(shape: dict, tokenizer_source: str | None, device: str, dtype: str, seed: int = 0):
-    """(model, tokenizer): random Llama of `shape` built directly on `device` (a 1B init on CPU is slow)."""
+def random_llama(
+    shape: dict, tokenizer_source: str | None, device: str, dtype: str, seed: int = 0, attn: str = "sdpa"
+):
+    """(model, tokenizer): random Llama of `shape` built directly on `device` (a 1B init on CPU is slow);
+    `attn`: the attention implementation (sdpa, or flex_attention for packed rows)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from models.causal_lm import build_tiny_llama, resolve_dtype
@@ -237,6 +240,7 @@ def random_llama(shape: dict, tokenizer_source: str | None, device: str, dtype: 
         return build_tiny_llama(
             **{k if k != "num_layers" else "num_layers": v for k, v in shape.items() if v is not None},
             special_tokens={"eos_token": "<|im_end|>"},
+            attn_implementation=attn,
         )
     from models.causal_lm import load_tokenizer
 
@@ -260,7 +264,7 @@ def random_llama(shape: dict, tokenizer_source: str | None, device: str, dtype: 
     with torch.device(device):
         model = LlamaForCausalLM(config)
     model = model.to(resolve_dtype(dtype))
-    model.set_attn_implementation("sdpa")
+    model.set_attn_implementation(attn)
     return model, tokenizer
 
 
@@ -330,7 +334,7 @@ def fit_recipe(recipe, loader, steps: int, warmup: int, device: str, out: Path, 
     return json.loads(out.read_text())
 
 
-def lm_recipe(kernels: str, objective: str, args, fast_overrides=None):
+def lm_recipe(kernels: str, objective: str, args, fast_overrides=None, attn: str = "sdpa"):
     """CausalLMRecipe on a random Llama-3.2-1B shape (TINY on CPU with --tiny), LoRA r16 on all linear
     layers, AdamW; `objective` as in build_objectives ("none": CE only)."""
     from models.layer_subset import build_layer_subset
@@ -338,7 +342,9 @@ def lm_recipe(kernels: str, objective: str, args, fast_overrides=None):
 
     device = "cpu" if args.tiny else "cuda"
     shape = TINY if args.tiny else LLAMA_1B
-    backbone = partial(random_llama, shape, args.tokenizer, device, "fp32" if args.tiny else "bf16")
+    backbone = partial(
+        random_llama, shape, args.tokenizer, device, "fp32" if args.tiny else "bf16", attn=attn
+    )
     student = backbone
     if objective == "leaf":  # LeaF student: every other layer
         student = partial(build_layer_subset, backbone=backbone, layers="::2")
@@ -381,12 +387,14 @@ def guarded_row(row: dict, device: str, measure) -> dict:
     return row
 
 
-def recipe_row(label, kernels, objective, batch, length, args, fast_overrides=None, data=None) -> dict:
+def recipe_row(
+    label, kernels, objective, batch, length, args, fast_overrides=None, data=None, attn="sdpa"
+) -> dict:
     device = "cpu" if args.tiny else "cuda"
     row = {"row": label, "kernels": kernels, "objective": objective, "batch": batch, "seq_len": length}
 
     def measure():
-        recipe = lm_recipe(kernels, objective, args, fast_overrides)
+        recipe = lm_recipe(kernels, objective, args, fast_overrides, attn)
         if data is None:
             loader = Repeat(fixed_batches(batch, length, recipe_vocab(recipe)), args.warmup + args.steps + 2)
         else:
@@ -444,6 +452,14 @@ def long_tailed_examples(count: int, cap: int, vocab: int, seed: int = 0) -> lis
     return examples
 
 
+def packing_modes(args) -> list[tuple[str, str]]:
+    """(batch layout, attention) per row: padded rows with SDPA; packed rows with each of --pack-attn (sdpa
+    gets transformers' dense block-diagonal mask, flex_attention a block mask that skips the blocks across
+    documents). flex_attention has no backward on CPU, so the tiny CPU check packs with sdpa only."""
+    attns = ["sdpa"] if args.tiny else args.pack_attn.split(",")
+    return [("padded", "sdpa")] + [("packed", attn) for attn in attns]
+
+
 def packing(args) -> list[dict]:
     from torch.utils.data import DataLoader
 
@@ -470,7 +486,7 @@ def packing(args) -> list[dict]:
     rows = []
     for name, per_step, examples in plan:
         lengths = [len(e["input_ids"]) for e in examples]
-        for mode in ("padded", "packed"):
+        for mode, attn in packing_modes(args):
             collate = (
                 PackingCollator(tokenizer.pad_token_id, cap, pad_to_multiple_of=64)
                 if mode == "packed"
@@ -478,12 +494,12 @@ def packing(args) -> list[dict]:
             )
             reps = math.ceil(per_step * (args.warmup + args.steps + 2) / len(examples))
             loader = DataLoader((examples * reps), batch_size=per_step, shuffle=False, collate_fn=collate)
-            row = recipe_row(
-                f"{name} {per_step}/step {mode}", "fast", "none", per_step, cap, args, data=loader
-            )
+            label = f"{name} {per_step}/step {mode}" + ("" if attn == "sdpa" else f" {attn}")
+            row = recipe_row(label, "fast", "none", per_step, cap, args, data=loader, attn=attn)
             row.update(
                 data=name,
                 mode=mode,
+                attn=attn,
                 examples_per_step=per_step,
                 mean_len=sum(lengths) / len(lengths),
                 max_len=max(lengths),
@@ -603,6 +619,11 @@ def main(argv=None):
     parser.add_argument("--sft-file", default=None)
     parser.add_argument("--pack-len", type=int, default=2048)
     parser.add_argument("--pack-batch", type=int, default=32)
+    parser.add_argument(
+        "--pack-attn",
+        default="sdpa,flex_attention",
+        help="attention implementations of the packed rows, comma-separated (padded rows: sdpa; --tiny: sdpa)",
+    )
     parser.add_argument(
         "--sft-pack-batch", default="32,256", help="examples per step of the SFT demo rows, comma-separated"
     )

@@ -101,7 +101,8 @@ def load_pretrained_causal_lm(
         source: hub id (``meta-llama/Llama-3.2-1B``) or local folder.
         gguf_file: file name inside `source` for GGUF checkpoints (weights are dequantized).
         dtype: fp32 | bf16 | fp16.
-        attn_implementation: sdpa (default) or flash_attention_2; eager only for debugging.
+        attn_implementation: sdpa (default), flash_attention_2, or flex_attention (packed rows: its block mask
+            skips the blocks across documents that sdpa's dense mask computes); eager only for debugging.
         special_tokens: tokenizer overrides, e.g. ``{"eos_token": "<|im_end|>"}``.
         config_key: the config key named in errors about a missing path.
     """

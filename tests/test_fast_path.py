@@ -299,3 +299,18 @@ def test_a_row_killed_by_a_signal_says_which(tmp_path, monkeypatch):
     row = fast_path.train_py(["experiment=lm_sft"], tmp_path / "never.json", timeout=5)
     assert row["returncode"] == "-11 (SIGSEGV)" and row["error"].endswith("last log line\n")
     assert fast_path.exit_status(1) == "1" and fast_path.exit_status(-999) == "-999"
+
+
+def test_packing_rows_compare_flex_attention_on_the_gpu_only():
+    """The packing section adds packed rows with flex attention (a block mask that skips the blocks across
+    documents) beside SDPA's dense mask; the tiny CPU check leaves them out (flex has no CPU backward)."""
+    from types import SimpleNamespace
+
+    from benchmarks.fast_path import packing_modes
+
+    gpu = SimpleNamespace(tiny=False, pack_attn="sdpa,flex_attention")
+    assert packing_modes(gpu) == [("padded", "sdpa"), ("packed", "sdpa"), ("packed", "flex_attention")]
+    assert packing_modes(SimpleNamespace(tiny=True, pack_attn="sdpa,flex_attention")) == [
+        ("padded", "sdpa"),
+        ("packed", "sdpa"),
+    ]

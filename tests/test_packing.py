@@ -32,8 +32,13 @@ def test_first_fit_decreasing_fills_bins_without_overflow():
         first_fit_decreasing([13], capacity=12)
 
 
-def test_packed_per_token_losses_equal_unpacked(tiny_lm):
+@pytest.mark.parametrize("attn", ["sdpa", "flex_attention"])
+def test_packed_per_token_losses_equal_unpacked(tiny_lm, attn):
+    """sdpa: transformers' dense block-diagonal mask; flex_attention: a block mask that skips the blocks
+    across documents (`backbone.attn_implementation=flex_attention`; forward compiled on CPU too, about 20 s;
+    its backward needs CUDA: the GPU benchmark's packed flex rows train with it)."""
     model, tokenizer = tiny_lm
+    model.set_attn_implementation(attn)
     model.eval()
     docs = documents(len(tokenizer))
     batch = PackingCollator(tokenizer.pad_token_id, max_length=16)(docs)
