@@ -85,6 +85,19 @@ def test_loss_overrides_reach_the_loss_arms_only(tmp_path):
     assert configs["x32_base_s0"].objective is None
 
 
+def test_loss_arms_start_at_step_zero_on_a_gpu_too(tmp_path, monkeypatch):
+    """The demo's GPU branch starts its loss at step 500; the study's arms keep the measured setting (from
+    step 0) unless --loss-override says otherwise, so seed 1 repeats seed 0's arms."""
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    args = study.parse_args(["--out", str(tmp_path), "--seeds", "1", "--decorr-weight", "10"])
+    spec = study.ArmSpec(32, True, 1, 10.0)
+    cfg = compose_train(study.arm_overrides(spec, args) + study.common_overrides(args))
+    assert cfg.trainer.accelerator == "gpu"
+    assert cfg.objective.decorr.start_step == 0 and cfg.objective.decorr.warmup_steps == 100
+
+
 def test_report_picks_the_loss_weight_by_val_not_test(tmp_path):
     """With two weights the claims use the one with the lower val WER at x32, even where the other weight
     has the lower test WER: the test split is read for the report, never for a choice."""

@@ -17,6 +17,8 @@ def _demo(*overrides: str) -> dict:
         "data.prepare.num_train": cfg.data.prepare.num_train,
         "scheduler.warmup_steps": cfg.scheduler.warmup_steps,
         "data.audio_time_mask_window": cfg.data.audio_time_mask_window,
+        "objective.decorr.start_step": cfg.objective.decorr.start_step,
+        "objective.decorr.warmup_steps": cfg.objective.decorr.warmup_steps,
     }
 
 
@@ -35,12 +37,15 @@ def test_demo_keeps_cpu_numbers_and_scales_up_on_a_gpu(cuda, monkeypatch):
     demo = _demo()
     cpu = {"trainer.max_steps": 80, "trainer.precision": "32-true", "data.max_frames": 400,
            "data.prepare.num_train": 200, "scheduler.warmup_steps": 5, "trainer.accelerator": "cpu",
-           "data.audio_time_mask_window": 6400}  # fmt: skip
+           "data.audio_time_mask_window": 6400, "objective.decorr.start_step": 0,
+           "objective.decorr.warmup_steps": 0}  # fmt: skip
     if not cuda:
         assert demo == cpu
     else:
         assert demo["trainer.precision"] == "bf16-mixed" and demo["trainer.accelerator"] == "gpu"
         assert demo["data.audio_time_mask_window"] == 0  # study 2's val tuning: masking off
+        # study 2: the loss from step 0 delays reading the audio by ~500 steps; the GPU demo starts it at 500
+        assert demo["objective.decorr.start_step"] == 500 and demo["objective.decorr.warmup_steps"] == 100
         same_kind = ("trainer.precision", "trainer.accelerator", "data.audio_time_mask_window")
         assert all(demo[key] > cpu[key] for key in cpu if key not in same_kind)
         assert _demo("trainer.accelerator=cpu") == cpu  # forcing the CPU gives the CPU demo back
