@@ -103,10 +103,13 @@ case $phase in
         cmd="$wait_corpus python3 studies/asr_downsampling.py --out $S/${ASR_DIR:-asr_gcide} ${ASR_ARGS:---seeds \
           ${ASR_SEEDS:-0} --decorr-weight ${ASR_WEIGHTS:-1 10} --steps 1000 --val-every 250 --arms-per-gpu 8 --override model.kernels=fast}" ;;
       2s)  # the eighth session's follow-up (docs/results.md): the loss on sink tokens only (cosine to BOS above
-        # 0.5: what the paper means to remove) and switched on at step 400, after the baseline's x4 transition
+        # 0.8 in some layer, the intermediate-sink metric's threshold: what the paper means to remove; at 0.5 about
+        # half the audio tokens would count, their mean cosine is 0.50) and switched on at step 400, after the
+        # baseline's x4 transition
         cmd="$wait_corpus python3 studies/asr_downsampling.py --out $S/asr_gcide_sinks_late --seeds ${ASR_SEEDS:-0} \
           --decorr-weight ${ASR_WEIGHTS:-1 10} --steps 1000 --val-every 250 --arms-per-gpu 8 --override model.kernels=fast \
-          --loss-override objective.decorr.tokens=sinks --loss-override objective.decorr.start_step=400" ;;
+          --loss-override objective.decorr.tokens=sinks --loss-override objective.decorr.sink_threshold=0.8 \
+          --loss-override objective.decorr.start_step=400" ;;
       2L)  # does the x4 baseline reach 15% with more steps? Its val WER was still falling at step 999 (49.8 ->
         # 37.2 -> 34.9% at 499 / 749 / 999 in the tuning run): one arm, 4,000 steps, val every 500
         cmd="$wait_corpus python3 studies/asr_downsampling.py --out $S/asr_gcide_long --seeds 0 --only x4_base_s0 \
