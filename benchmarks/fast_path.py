@@ -432,10 +432,13 @@ def lm1b(args) -> list[dict]:
         ),
         "long": lambda: recipe_row("recipe fast", "fast", "none", long_b, long_t, args),
         "long_adl": lambda: recipe_row("recipe fast + adl", "fast", "adl", long_b, long_t, args),
+        "long_adl_compiled": lambda: recipe_row(
+            "recipe fast + adl_compiled", "fast", "adl_compiled", long_b, long_t, args
+        ),
     }
-    for objective in ("decorr", "adl", "meap", "leaf"):
+    for objective in ("decorr", "adl", "adl_compiled", "meap", "leaf"):
         plan[objective] = partial(recipe_row, f"recipe fast + {objective}", "fast", objective, B, T, args)
-    default = ["bare", "plain", "fast", "liger", "chunked", "decorr", "adl", "meap", "leaf", "long", "long_adl"]  # fmt: skip
+    default = ["bare", "plain", "fast", "liger", "chunked", "decorr", "adl", "adl_compiled", "meap", "leaf", "long", "long_adl", "long_adl_compiled"]  # fmt: skip
     names = args.rows.split(",") if args.rows else [n for n in default if not (args.tiny and n == "liger")]
     return [plan[name]() for name in names]
 

@@ -62,8 +62,8 @@ def build_objectives(name: str) -> dict:
         return {}
     if name == "decorr":
         return {"decorr": BosDecorrelationObjective(weight=1.0e4, tokens="input_side")}
-    if name == "adl":
-        return {"adl": AttentionDiversityObjective(weight=1.0, num_rows=64)}
+    if name in ("adl", "adl_compiled"):  # adl_compiled: the recomputed rows fused by torch.compile
+        return {"adl": AttentionDiversityObjective(weight=1.0, num_rows=64, compile=name == "adl_compiled")}
     if name == "meap":
         return {"meap": MeapObjective(mode="pretrain", ratio=0.15)}
     raise ValueError(f"unknown objective {name!r}")

@@ -213,6 +213,51 @@ def sampled_attention_probs(
     return probs
 
 
+def _head_mean_probs(
+    query_rows: torch.Tensor, key: torch.Tensor, scaling: float, mask: torch.Tensor | None
+) -> torch.Tensor:
+    """[B,H,S,hd] rows, [B,KV,K,hd] keys, mask [B|1,1,S,K] or None -> [B,1,S,K] fp32 mean over heads."""
+    logits = _grouped_logits(query_rows, key, scaling)
+    if mask is None:
+        probs = torch.softmax(logits, dim=-1)
+    else:
+        probs = torch.nan_to_num(torch.softmax(logits.masked_fill(~mask, float("-inf")), dim=-1), nan=0.0)
+    return probs.mean(dim=1, keepdim=True)
+
+
+_compiled_head_mean_probs = None
+
+
+def sampled_head_mean_probs(
+    captured: CapturedQueryKey,
+    query_positions: torch.Tensor,
+    key_padding_mask: torch.Tensor | None = None,
+    causal: bool = True,
+    compiled: bool = False,
+) -> torch.Tensor:
+    """The mean over heads of `sampled_attention_probs`: [B,1,S,K] float32 (what ADL reads).
+
+    compiled: run it through `torch.compile` (dynamic shapes: one graph for every length). The eager form
+    writes and reads the fp32 [B,H,S,K] tensor several times (scale, mask, softmax, NaN guard, mean) and
+    again in backward: at Llama-3.2-1B shape, B=8, 64 rows, T=2048 that is 0.5 GB per pass per layer, the
+    bulk of ADL's cost on the fast path. Inductor fuses them. Same values (tests/test_loss_attention_diversity.py).
+    Attention edits (`captured.edit`) always take the eager path.
+    """
+    if captured.edit is not None:
+        return sampled_attention_probs(captured, query_positions, key_padding_mask, causal).mean(
+            1, keepdim=True
+        )
+    rows = captured.query.index_select(2, query_positions)
+    mask = _row_mask(query_positions, captured.key.shape[2], key_padding_mask, causal)
+    function = _head_mean_probs
+    if compiled:
+        global _compiled_head_mean_probs
+        if _compiled_head_mean_probs is None:
+            _compiled_head_mean_probs = torch.compile(_head_mean_probs, dynamic=True)
+        function = _compiled_head_mean_probs
+    return function(rows, captured.key, captured.scaling, mask)
+
+
 @torch.no_grad()
 def attention_to_keys(
     captured: CapturedQueryKey,

@@ -163,3 +163,43 @@ def test_rows_that_cannot_pass_their_threshold_do_not_dilute_the_mean():
     value = attention_diversity_loss(probs, query_positions=positions)
     assert value.item() == pytest.approx(by_hand, rel=1e-6)  # not by_hand / 2
     assert attention_diversity_loss(probs[:, :, :1], query_positions=positions[:1]).item() == 0.0
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+def test_head_mean_probs_give_the_same_loss_and_gradients(tiny_lm_factory, compiled):
+    """ADL reads the mean over heads (models/attention_capture.sampled_head_mean_probs); compiled (Inductor
+    fuses the fp32 [B,H,S,K] passes, `objective.adl.compile=true`) or not, the loss and the gradients of the
+    captured queries and keys equal those through the per-head probabilities."""
+    from models.attention_capture import sampled_head_mean_probs
+
+    model, _ = tiny_lm_factory(attn_implementation="sdpa")
+    with torch.no_grad():  # peaked attention, so entries pass ADL's threshold and gradients are non-zero
+        for name, param in model.named_parameters():
+            if "q_proj" in name or "k_proj" in name:
+                param.mul_(8)
+    ids = torch.randint(0, 500, (2, 12), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones(2, 12, dtype=torch.long)
+    mask[1, 9:] = 0
+    positions = torch.tensor([1, 3, 6, 8, 11])
+    with QueryKeyCapture(model) as captured:
+        model(input_ids=ids, attention_mask=mask)
+    grads = []
+    for head_mean in (False, True):
+        model.zero_grad()
+        loss = 0
+        for layer in sorted(captured):
+            if head_mean:
+                probs = sampled_head_mean_probs(captured[layer], positions, mask, compiled=compiled)
+                assert probs.shape == (2, 1, 5, 12)
+            else:
+                probs = sampled_attention_probs(captured[layer], positions, mask)
+            loss = loss + attention_diversity_loss(probs, query_positions=positions, key_padding_mask=mask)
+        params = [p for p in model.parameters() if p.requires_grad]
+        # the first pass keeps the shared forward for the second (a compiled backward cannot retain its graph)
+        grad = torch.autograd.grad(loss, params, retain_graph=not head_mean, allow_unused=True)
+        grads.append((loss.detach(), [torch.zeros_like(p) if g is None else g for p, g in zip(params, grad)]))
+    (ref_loss, ref_grads), (loss, got_grads) = grads
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-6)
+    assert any(g.abs().sum() > 0 for g in got_grads)
+    for got, ref in zip(got_grads, ref_grads):
+        torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-6)

@@ -2,7 +2,8 @@
 
 The main forward keeps SDPA/flash attention; the recipe captures post-RoPE queries/keys of
 `attention_layers` and this objective recomputes the probabilities of S sampled rows per layer
-(`models.attention_capture.sampled_attention_probs`, O(S*T) per head) before `attention_diversity_loss`.
+(`models.attention_capture.sampled_head_mean_probs`, O(S*T) per head; the loss reads their mean over
+heads) before `attention_diversity_loss`.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from collections.abc import Sequence
 import torch
 
 from losses.attention_diversity import attention_diversity_loss
-from models.attention_capture import sampled_attention_probs
+from models.attention_capture import sampled_head_mean_probs
 from recipes.objectives.base import Objective, ObjectiveContext
 
 
@@ -49,6 +50,8 @@ class AttentionDiversityObjective(Objective):
         num_rows: S, the query rows sampled per step (shared by the batch and by all layers).
         threshold: entries below threshold / (visible keys) are ignored (reference: 2).
         causal: our causal variant (default) or the reference ViT formula (see the loss docstring).
+        compile: fuse the recomputed rows with `torch.compile` (models/attention_capture.py:
+            sampled_head_mean_probs; off by default: it compiles on first use, and only pays at large B*S*T).
         seed: with `ctx.sample_key` (the step, or the micro-batch's key under accumulation), seeds the row
             sample, so a resumed run draws the same rows.
     """
@@ -65,6 +68,7 @@ class AttentionDiversityObjective(Objective):
         threshold: float = 2.0,
         causal: bool = True,
         seed: int = 0,
+        compile: bool = False,
     ):
         super().__init__(weight, warmup_steps, start_step)
         if num_rows < 1:
@@ -74,6 +78,7 @@ class AttentionDiversityObjective(Objective):
         self.threshold = float(threshold)
         self.causal = bool(causal)
         self.seed = int(seed)
+        self.compile = bool(compile)
 
     def attention_layers(self, num_layers: int) -> list[int]:
         if self.layers is None:
@@ -93,7 +98,9 @@ class AttentionDiversityObjective(Objective):
         positions = sample_query_positions(attention_mask, self.num_rows, generator)
         per_layer = []
         for layer in sorted(ctx.attention) if self.layers is None else self.layers:
-            probs = sampled_attention_probs(ctx.attention[layer], positions, attention_mask, self.causal)
+            probs = sampled_head_mean_probs(
+                ctx.attention[layer], positions, attention_mask, self.causal, compiled=self.compile
+            )
             per_layer.append(
                 attention_diversity_loss(probs, self.threshold, self.causal, positions, attention_mask)
             )
