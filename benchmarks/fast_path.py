@@ -187,6 +187,7 @@ def small(args) -> list[dict]:
     pad = ["data.pad_to_multiple_of=64", "data.drop_last=true"]
     big = ["data.batch_size=32", "data.max_length=256"]
     gc = ["callbacks=[none,gc_control]"]  # replaces common's callbacks=none
+    flat = ["model.flat_params=true"]
     plan = [
         ("plain", "sft B=8 T<=128", plain, [], 40, 10, 0),
         ("fast", "sft B=8 T<=128", fast, pad, 300, 60, 10),
@@ -199,6 +200,9 @@ def small(args) -> list[dict]:
         # row 7 with collection every 200 steps instead of automatic (harness/gc_control.py): is a GC pause
         # what stalls it (its `gc_pauses`)?
         ("fast+cudagraphs, whole decoder, gc", "lm B=32 T=256", graphs + whole + gc, lm + big, 200, 30, 10),
+        # row 6 with the trainable tensors as views of one flat buffer (recipes/flat_params.py): AdamW,
+        # clipping and zero_grad see one tensor instead of 420: does the host-bound B=8 step get faster?
+        ("fast+cudagraphs, whole decoder, flat", "sft B=8 T<=128", graphs + whole + flat, pad, 400, 100, 10),
     ]
     if args.tiny:
         plan = [(k, d, c, x, 6, 2, 2 if p else 0) for k, d, c, x, _, _, p in plan]

@@ -53,6 +53,7 @@ class CausalLMRecipe(L.LightningModule):
         seed: int = 0,
         kernels: str = "plain",
         fast: Mapping | None = None,
+        flat_params: bool = False,
     ):
         super().__init__()
         self.save_hyperparameters(ignore=["backbone", "optimizer", "scheduler", "objectives"])
@@ -61,6 +62,7 @@ class CausalLMRecipe(L.LightningModule):
             backbone, self.objectives, lora, trainable, gradient_checkpointing, kernels, fast
         )
         self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
+        self.use_flat_params, self.flat_params = flat_params, None
         self.ce_weight, self.seed = ce_weight, seed
         self.token_sum = self.objectives.sums_over_tokens
         self.window = WindowTokenNormaliser()
@@ -116,7 +118,15 @@ class CausalLMRecipe(L.LightningModule):
         clip_gradients(self, optimizer, gradient_clip_val, gradient_clip_algorithm)
 
     def configure_optimizers(self):
-        return configure_optimizers(self, self.optimizer_factory, self.scheduler_factory)
+        return configure_optimizers(
+            self, self.optimizer_factory, self.scheduler_factory, flat=self.use_flat_params
+        )
+
+    def optimizer_zero_grad(self, epoch: int, batch_idx: int, optimizer) -> None:
+        if self.flat_params is not None:  # zero the flat gradient buffer in place, keep the views
+            self.flat_params.zero_grad()
+        else:
+            optimizer.zero_grad()
 
     # ---- checkpoints: only trainable weights ------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict) -> None:

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import logging
 import math
 
 import torch
 
 from harness.clipping import amp_scaler
+from recipes.flat_params import FlatParameters
+
+log = logging.getLogger(__name__)
 
 
 def warmup_cosine(
@@ -45,12 +49,23 @@ def device_defaults(optimizer_factory, params: list, scaler=None) -> dict:
     return {"fused": True} if params and on_cuda else {}
 
 
-def configure_optimizers(module, optimizer_factory, scheduler_factory=None):
+def configure_optimizers(module, optimizer_factory, scheduler_factory=None, flat: bool = False):
     """Lightning `configure_optimizers` body: AdamW-like partial over trainable params + step-wise schedule
-    (fused AdamW on CUDA unless the config says otherwise: `device_defaults`)."""
+    (fused AdamW on CUDA unless the config says otherwise: `device_defaults`). `flat`: the trainable params
+    become views of one buffer per dtype/device (recipes/flat_params.py) and the optimizer gets the buffers;
+    set as `module.flat_params` (None otherwise), whose `zero_grad` the recipe's `optimizer_zero_grad` calls.
+    Single process only: under DDP/FSDP the strategies own the gradient layout, so it is left off there."""
     params = [p for p in module.parameters() if p.requires_grad]
     if not params:
         raise ValueError("no trainable parameters: check `peft` and the freeze/unfreeze regexes")
+    module.flat_params = None
+    if flat:
+        world = module.trainer.world_size if module._trainer is not None else 1
+        if world > 1:
+            log.warning("model.flat_params=true is single-process only: left off with %d processes", world)
+        else:
+            module.flat_params = FlatParameters(params)
+            params = list(module.flat_params.flat)
     scaler = amp_scaler(module._trainer) if module._trainer is not None else None
     optimizer = optimizer_factory(params, **device_defaults(optimizer_factory, params, scaler))
     if scheduler_factory is None:
