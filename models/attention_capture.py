@@ -201,28 +201,30 @@ def sampled_attention_probs(
     Memory O(B*H*S*K); gradients flow into query and key.
     """
     rows = captured.query.index_select(2, query_positions)
-    logits = _grouped_logits(rows, captured.key, captured.scaling)
     mask = _row_mask(query_positions, captured.key.shape[2], key_padding_mask, causal)
-    if mask is None:
-        probs = torch.softmax(logits, dim=-1)
-    else:
-        probs = torch.nan_to_num(torch.softmax(logits.masked_fill(~mask, float("-inf")), dim=-1), nan=0.0)
+    probs = _row_probs(rows, captured.key, captured.scaling, mask)
     if captured.edit is not None:
-        visible = torch.ones_like(logits[:1, :1], dtype=torch.bool) if mask is None else mask
+        visible = torch.ones_like(probs[:1, :1], dtype=torch.bool) if mask is None else mask
         probs = captured.edit.reapply(probs, visible)
     return probs
+
+
+def _row_probs(
+    query_rows: torch.Tensor, key: torch.Tensor, scaling: float, mask: torch.Tensor | None
+) -> torch.Tensor:
+    """[B,H,S,hd] rows, [B,KV,K,hd] keys, mask [B|1,1,S,K] or None -> fp32 probs [B,H,S,K]; rows with no
+    visible key are all zero (not NaN)."""
+    logits = _grouped_logits(query_rows, key, scaling)
+    if mask is None:
+        return torch.softmax(logits, dim=-1)
+    return torch.nan_to_num(torch.softmax(logits.masked_fill(~mask, float("-inf")), dim=-1), nan=0.0)
 
 
 def _head_mean_probs(
     query_rows: torch.Tensor, key: torch.Tensor, scaling: float, mask: torch.Tensor | None
 ) -> torch.Tensor:
-    """[B,H,S,hd] rows, [B,KV,K,hd] keys, mask [B|1,1,S,K] or None -> [B,1,S,K] fp32 mean over heads."""
-    logits = _grouped_logits(query_rows, key, scaling)
-    if mask is None:
-        probs = torch.softmax(logits, dim=-1)
-    else:
-        probs = torch.nan_to_num(torch.softmax(logits.masked_fill(~mask, float("-inf")), dim=-1), nan=0.0)
-    return probs.mean(dim=1, keepdim=True)
+    """`_row_probs` averaged over heads: [B,1,S,K] (what torch.compile fuses in one graph)."""
+    return _row_probs(query_rows, key, scaling, mask).mean(dim=1, keepdim=True)
 
 
 _compiled_head_mean_probs = None

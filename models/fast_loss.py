@@ -36,21 +36,14 @@ def _chunk_loss_sum(lm_head: torch.nn.Module, hidden: torch.Tensor, labels: torc
 def frozen_head_parts(lm_head: torch.nn.Module):
     """(weight [V,D], rows [R] or None, delta [R,D] or None) when the fused loss can run this head: a
     frozen, bias-free plain Linear, or peft's trainable tokens over one (row-sparse, one adapter); else None."""
-    lm_head = getattr(lm_head, "token_adapter", lm_head)  # peft's TrainableTokensWrapper around the layer
-    if isinstance(lm_head, torch.nn.Linear):
-        frozen = lm_head.bias is None and not lm_head.weight.requires_grad
-        plain = type(lm_head.weight.data) is torch.Tensor  # not a DTensor shard (FSDP): keep autograd there
-        return (lm_head.weight, None, None) if frozen and plain else None
-    if hasattr(lm_head, "trainable_tokens_delta") and isinstance(
-        getattr(lm_head, "base_layer", None), torch.nn.Linear
-    ):
-        parts = row_sparse_parts(lm_head)
-        if parts is None:
-            return None
-        base = lm_head.base_layer
-        if base.bias is None and not base.weight.requires_grad and type(base.weight.data) is torch.Tensor:
-            return parts
-    return None
+    head = getattr(lm_head, "token_adapter", lm_head)  # peft's TrainableTokensWrapper around the layer
+    tokens = hasattr(head, "trainable_tokens_delta")
+    linear = getattr(head, "base_layer", None) if tokens else head
+    if not isinstance(linear, torch.nn.Linear) or linear.bias is not None or linear.weight.requires_grad:
+        return None
+    if type(linear.weight.data) is not torch.Tensor:  # a DTensor shard (FSDP): keep autograd there
+        return None
+    return row_sparse_parts(head) if tokens else (linear.weight, None, None)
 
 
 def chunked_lm_loss(

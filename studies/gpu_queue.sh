@@ -28,8 +28,8 @@
 # arguments, e.g. "--seeds 0,1"), 2 asr_downsampling (at the study's val-tuned defaults, 1,000 steps, seeds
 # ASR_SEEDS (0), one loss arm per weight in ASR_WEIGHTS ("1 10"), into $S/${ASR_DIR:-asr_gcide}; needs the `stage`
 # calls, and `corpus` first saves minutes; ASR_ARGS replaces its arguments), 2s (the same with the loss on sink
-# tokens only, from step 400, seeds SINKS_SEEDS (0), weights SINKS_WEIGHTS (10), into $S/asr_gcide_sinks_late), 2L (the x4 baseline alone for 4,000 steps, into
-# $S/asr_gcide_long); CHAIN=1 runs
+# tokens only, from step 400, seeds SINKS_SEEDS (0), weights SINKS_WEIGHTS (10), into $S/asr_gcide_sinks_late),
+# 2L (the x4 baseline alone for 4,000 steps, into $S/asr_gcide_long); CHAIN=1 runs
 # them one after another in one job (memory-heavy studies: 3 and 4 side by side ran out of memory). Every call ends by packing what exists, so a machine
 # taken back mid-run still returns each arm's CSV log and sink measurements of the calls before.
 # Long jobs start with setsid, so they outlive the call that started them while the machine stays held
@@ -89,6 +89,8 @@ case $phase in
   chain=""
   # study 2's jobs start once the corpus job (phase `corpus`) has an exit code; without one they build it
   wait_corpus="while [ -f $S/logs/corpus.log ] && [ ! -f $S/logs/corpus.rc ]; do sleep 5; done;"
+  asr="$wait_corpus python3 studies/asr_downsampling.py"  # study 2 (2, 2s, 2L): its arms' common settings follow
+  asr_arms="--steps 1000 --val-every 250 --arms-per-gpu 8 --override model.kernels=fast"
   for study in ${STUDIES:-3 5b}; do
     case $study in
       1) cmd="python3 studies/decorr_text.py --weights ${DECORR_WEIGHTS:-10,100} --out $S/decorr_text" ;;
@@ -100,20 +102,19 @@ case $phase in
       2)  # the study at its val-tuned defaults (48,000 clips with gcide's sentences, no time masking), after the
         # corpus job of phase `corpus` if one was started; seeds ASR_SEEDS, one loss arm per weight in ASR_WEIGHTS
         # (the report picks the weight by val WER at x32)
-        cmd="$wait_corpus python3 studies/asr_downsampling.py --out $S/${ASR_DIR:-asr_gcide} ${ASR_ARGS:---seeds \
-          ${ASR_SEEDS:-0} --decorr-weight ${ASR_WEIGHTS:-1 10} --steps 1000 --val-every 250 --arms-per-gpu 8 --override model.kernels=fast}" ;;
+        cmd="$asr --out $S/${ASR_DIR:-asr_gcide} ${ASR_ARGS:---seeds ${ASR_SEEDS:-0} \
+          --decorr-weight ${ASR_WEIGHTS:-1 10} $asr_arms}" ;;
       2s)  # the eighth session's follow-up (docs/results.md): the loss on sink tokens only (cosine to BOS above
         # 0.8 in some layer, the intermediate-sink metric's threshold: what the paper means to remove; at 0.5 about
         # half the audio tokens would count, their mean cosine is 0.50) and switched on at step 400, after the
         # baseline's x4 transition
-        cmd="$wait_corpus python3 studies/asr_downsampling.py --out $S/asr_gcide_sinks_late --seeds ${SINKS_SEEDS:-0} \
-          --decorr-weight ${SINKS_WEIGHTS:-10} --steps 1000 --val-every 250 --arms-per-gpu 8 --override model.kernels=fast \
-          --loss-override objective.decorr.tokens=sinks --loss-override objective.decorr.sink_threshold=0.8 \
+        cmd="$asr --out $S/asr_gcide_sinks_late --seeds ${SINKS_SEEDS:-0} --decorr-weight ${SINKS_WEIGHTS:-10} \
+          $asr_arms --loss-override objective.decorr.tokens=sinks --loss-override objective.decorr.sink_threshold=0.8 \
           --loss-override objective.decorr.start_step=400" ;;
       2L)  # does the x4 baseline reach 15% with more steps? Its val WER was still falling at step 999 (49.8 ->
         # 37.2 -> 34.9% at 499 / 749 / 999 in the tuning run): one arm, 4,000 steps, val every 500
-        cmd="$wait_corpus python3 studies/asr_downsampling.py --out $S/asr_gcide_long --seeds 0 --only x4_base_s0 \
-          --steps 4000 --val-every 500 --override model.kernels=fast" ;;
+        cmd="$asr --out $S/asr_gcide_long --seeds 0 --only x4_base_s0 --steps 4000 --val-every 500 \
+          --override model.kernels=fast" ;;
       demo)  # `make demo`'s command on the GPU (its ${if_gpu:...} branch: 3,000 clips, 1,500 steps): does it transcribe?
         cmd="python3 train.py experiment=avsr_decorr hydra.run.dir=$S/demo" ;;
       2v)  # the x4 baseline tuned on val: 2x2 of audio time masking (on/off) and training text (own 16,000

@@ -12,9 +12,9 @@ shuffled by `seed`, then cut into three disjoint pools: test takes the first `nu
 sentences, val the next, train the rest. So no test or val sentence can occur in training; the build
 asserts it on the written manifests. `train_sources` (e.g. Debian `dict-gcide`) add sentences to the train
 split only, after its own slice: more distinct training sentences, the same val and test. Each clip tries
-its own CANDIDATES sentences in order until one fits `max_seconds`. Voices are dealt round-robin, so every voice speaks in every split. Transcripts are
-lowercased unless `lowercase=False`: SmolLM2 reads "the cat sat" in about half the tokens of "THE CAT SAT",
-as text it saw in pretraining, and WER ignores case.
+its own CANDIDATES sentences in order until one fits `max_seconds`. Voices are dealt round-robin, so every
+voice speaks in every split. Transcripts are lowercased unless `lowercase=False`: SmolLM2 reads "the cat
+sat" in about half the tokens of "THE CAT SAT", as text it saw in pretraining, and WER ignores case.
 
 Audio is padded to whole video frames (640 samples), so `input_length` (25 fps frames) = samples / 640.
 Each clip depends only on (seed, split, index), so any number of build processes writes the same files.

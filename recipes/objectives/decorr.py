@@ -65,6 +65,9 @@ class BosDecorrelationObjective(Objective):
         self.layers = list(layers) if layers is not None else None
         self.margin = float(margin)
         self.sink_threshold = float(sink_threshold)
+        self.empty_batches = 0  # batches that selected no position, counted so far
+        self._calls = 0
+        self._pending_empty: torch.Tensor | None = None  # device-side count since the last read
 
     def token_mask(self, ctx: ObjectiveContext) -> torch.Tensor:
         attention_mask = ctx.batch["attention_mask"].bool()
@@ -98,12 +101,12 @@ class BosDecorrelationObjective(Objective):
         at once (a structural empty selection raises before any training), later ones add to a device-side
         count read every EMPTY_CHECK_EVERY batches (reading it waits for the forward pass, which a
         launch-bound fast step cannot afford each step)."""
-        self._calls = getattr(self, "_calls", 0) + 1
+        self._calls += 1
         if self._calls == 1:
             if bool(empty):
                 self._nothing_selected(ctx, 1)
             return
-        pending = getattr(self, "_pending_empty", None)
+        pending = self._pending_empty
         self._pending_empty = empty.long() if pending is None else pending + empty
         if self._calls % EMPTY_CHECK_EVERY == 0:
             count, self._pending_empty = int(self._pending_empty), None
@@ -121,7 +124,7 @@ class BosDecorrelationObjective(Objective):
                 "(plain-text LM data such as data=text_lm has no input side), so the loss would stay 0. "
                 "Set objective.decorr.tokens=non_pad (or tokens=sinks)."
             )
-        self.empty_batches = getattr(self, "empty_batches", 0) + count
+        self.empty_batches += count
         log.warning(
             "decorr (tokens=%s) selected no position in %d batch(es): the loss was 0 there "
             "(%d such batches so far)",
