@@ -53,12 +53,11 @@ def configure_optimizers(module, optimizer_factory, scheduler_factory=None, flat
     """Lightning `configure_optimizers` body: AdamW-like partial over trainable params + step-wise schedule
     (fused AdamW on CUDA unless the config says otherwise: `device_defaults`). `flat`: the trainable params
     become views of one buffer per dtype/device (recipes/flat_params.py) and the optimizer gets the buffers;
-    set as `module.flat_params` (None otherwise), whose `zero_grad` the recipe's `optimizer_zero_grad` calls.
+    set as `module.flat_params`, whose `zero_grad` the recipe's `optimizer_zero_grad` calls.
     Single process only: under DDP/FSDP the strategies own the gradient layout, so it is left off there."""
     params = [p for p in module.parameters() if p.requires_grad]
     if not params:
         raise ValueError("no trainable parameters: check `peft` and the freeze/unfreeze regexes")
-    module.flat_params = None
     if flat:
         world = module.trainer.world_size if module._trainer is not None else 1
         if world > 1:
