@@ -24,7 +24,7 @@
 # STUDIES picks what phase 2 starts (default "3 5b", the queue's next items): 1 decorr_text, 5 adl_robustness
 # (sharing study 1's baseline arm), 5b adl_robustness at lower weights with its own baseline, 4 leaf_vs_kd,
 # 4b leaf_vs_kd with confounding distractors and stage 1 on the KD student, demo (`make demo`'s command, into
-# $S/demo), 3 meap_passkey (MEAP_ARGS adds
+# $S/demo_gpu), 3 meap_passkey (MEAP_ARGS adds
 # arguments, e.g. "--seeds 0,1"), 2 asr_downsampling (at the study's val-tuned defaults, 1,000 steps, seeds
 # ASR_SEEDS (0), one loss arm per weight in ASR_WEIGHTS ("1 10"), into $S/${ASR_DIR:-asr_gcide}; needs the `stage`
 # calls, and `corpus` first saves minutes; ASR_ARGS replaces its arguments), 2s (the same with the loss on sink
@@ -55,7 +55,7 @@ collect() {  # every arm's logs, sinks and reports so far -> $OUT/results.tgz
   (cd $S && tar czf "$OUT/results.tgz" --exclude='*.ckpt' --exclude='adapter' --exclude='*.safetensors' \
     --exclude='*.pt' --exclude='data' --exclude='wandb' --exclude='merged' --exclude='student_model' \
     logs $(ls -d decorr_text adl_robustness adl_robustness_low leaf_vs_kd leaf_vs_kd_b meap_passkey asr_downsampling* asr_x4_* \
-      asr_gcide* demo \
+      asr_gcide* demo* \
       2>/dev/null))
   if [ "$(stat -c %s "$OUT/results.tgz")" -gt 15000000 ]; then
     split -b 15000000 -d "$OUT/results.tgz" "$OUT/results.tgz.part" && rm "$OUT/results.tgz"
@@ -115,8 +115,11 @@ case $phase in
         # 37.2 -> 34.9% at 499 / 749 / 999 in the tuning run): one arm, 4,000 steps, val every 500
         cmd="$asr --out $S/asr_gcide_long --seeds 0 --only x4_base_s0 --steps 4000 --val-every 500 \
           --override model.kernels=fast" ;;
-      demo)  # `make demo`'s command on the GPU (its ${if_gpu:...} branch: 3,000 clips, 1,500 steps): does it transcribe?
-        cmd="python3 train.py experiment=avsr_decorr hydra.run.dir=$S/demo" ;;
+      demo)  # `make demo`'s command on the GPU (its ${if_gpu:...} branch: 12,000 clips, 1,500 steps, the fast
+        # LLM path): does it transcribe? CSV logs only: the GPU image has no wandb (the ninth session's first try
+        # stopped there). A new folder: the ninth session's 3,000-clip run (memorised 81 built-in sentences:
+        # the Debian text was unpacked under /tmp/debroot, which the synthetic corpus did not look in) is in $S/demo
+        cmd="python3 train.py experiment=avsr_decorr hydra.run.dir=$S/demo_gpu logger=csv" ;;
       2v)  # the x4 baseline tuned on val: 2x2 of audio time masking (on/off) and training text (own 16,000
         # clips / 48,000 with gcide's sentences for training only), plus the projector alone; corpora built first.
         # Run 2026-11-29 (docs/results.md); gcide_nomask won and is now the study's default, so each variant

@@ -19,6 +19,7 @@ def _demo(*overrides: str) -> dict:
         "data.audio_time_mask_window": cfg.data.audio_time_mask_window,
         "objective.decorr.start_step": cfg.objective.decorr.start_step,
         "objective.decorr.warmup_steps": cfg.objective.decorr.warmup_steps,
+        "model.kernels": cfg.model.kernels,
     }
 
 
@@ -38,7 +39,7 @@ def test_demo_keeps_cpu_numbers_and_scales_up_on_a_gpu(cuda, monkeypatch):
     cpu = {"trainer.max_steps": 80, "trainer.precision": "32-true", "data.max_frames": 400,
            "data.prepare.num_train": 200, "scheduler.warmup_steps": 5, "trainer.accelerator": "cpu",
            "data.audio_time_mask_window": 6400, "objective.decorr.start_step": 0,
-           "objective.decorr.warmup_steps": 0}  # fmt: skip
+           "objective.decorr.warmup_steps": 0, "model.kernels": "plain"}  # fmt: skip
     if not cuda:
         assert demo == cpu
     else:
@@ -46,6 +47,9 @@ def test_demo_keeps_cpu_numbers_and_scales_up_on_a_gpu(cuda, monkeypatch):
         assert demo["data.audio_time_mask_window"] == 0  # study 2's val tuning: masking off
         # study 2: the loss from step 0 delays reading the audio by ~500 steps; the GPU demo starts it at 500
         assert demo["objective.decorr.start_step"] == 500 and demo["objective.decorr.warmup_steps"] == 100
-        same_kind = ("trainer.precision", "trainer.accelerator", "data.audio_time_mask_window")
+        assert demo["model.kernels"] == "fast"
+        # the ninth session's GPU demo memorised 3,000 clips of the 81 built-in sentences: more clips now
+        assert demo["data.prepare.num_train"] >= 10_000
+        same_kind = ("trainer.precision", "trainer.accelerator", "data.audio_time_mask_window", "model.kernels")
         assert all(demo[key] > cpu[key] for key in cpu if key not in same_kind)
         assert _demo("trainer.accelerator=cpu") == cpu  # forcing the CPU gives the CPU demo back

@@ -1,7 +1,9 @@
 """Synthetic corpus builder: LRS3 layout, frame counts, audio-driven video, determinism, idempotence."""
 
 import filecmp
+import gzip
 import json
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -10,18 +12,27 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from data.avsr import speech_synth, text_sources
-from data.avsr.manifest import read_manifest, resolve_clip_paths
+from data.avsr import speech_synth
+from data.avsr.manifest import ManifestRow, read_manifest, resolve_clip_paths
 from data.avsr.media_io import SAMPLES_PER_VIDEO_FRAME, VIDEO_FPS, read_audio, read_video
 from data.avsr.mouth_video import mouth_features
 from data.avsr.speech_synth import FormantSynthesizer, synthesizer_name
 from data.avsr.synthetic_corpus import (
     MARKER,
+    CorpusParams,
+    _jobs,
+    _report_train_sentences,
     build_synthetic_corpus,
     ensure_synthetic_corpus,
     librivox_utterances,
 )
-from data.avsr.text_sources import builtin_sentences, clean_sentence, load_sentences
+from data.avsr.text_sources import (
+    builtin_sentences,
+    clean_sentence,
+    default_text_root,
+    load_sentences,
+    text_source_name,
+)
 from tests.hydra_utils import compose_train
 
 TINY = dict(num_train=3, num_val=1, num_test=1, seed=5)
@@ -119,17 +130,54 @@ def test_lrs3_config_requires_a_root():
     assert cfg.data._target_ == "data.avsr.datamodule.AVSRDataModule"
 
 
-def test_sentences_are_short_plain_uppercase_with_builtin_fallback(monkeypatch, tmp_path):
+def test_sentences_are_short_plain_uppercase_with_builtin_fallback(tmp_path):
     assert clean_sentence("Hello, world -- it's   fine.") == "HELLO WORLD IT'S FINE"
     assert clean_sentence("Born in 1842 in Ohio.") is None  # digits
     assert clean_sentence("Too short.") is None
     sentences, _ = load_sentences()
     assert len(sentences) >= 50
     assert all(3 <= len(s.split()) <= 10 and clean_sentence(s) == s for s in sentences)
-    monkeypatch.setattr(text_sources, "DEVIL_DICT", tmp_path / "absent.dz")
-    monkeypatch.setattr(text_sources, "FORTUNES_DIR", tmp_path / "absent")
-    fallback, source = load_sentences()
-    assert source == "builtin" and fallback == builtin_sentences() and len(fallback) >= 50
+    fallback, source = load_sentences(text_root=tmp_path)  # no Debian text under this root
+    assert source == "builtin" == text_source_name(tmp_path)
+    assert fallback == builtin_sentences() and len(fallback) >= 50
+
+
+def test_debian_sources_are_pooled_and_found_under_an_unpacked_root(monkeypatch, tmp_path):
+    """Devil's Dictionary and fortunes pool (the Devil's Dictionary alone gives about 650 sentences of
+    3-10 words: a GPU demo of thousands of clips memorised its few); an unpacked .deb root serves too."""
+    fortunes = tmp_path / "usr/share/games/fortunes"
+    fortunes.mkdir(parents=True)
+    quotes = [f"The {w} cat sat on the mat today." for w in ("red", "blue", "old", "tall", "small")]
+    (fortunes / "cats").write_text("\n%\n".join(quotes * 1) + "\n")
+    adjectives = "big small old young tall short red blue green brown grey".split()
+    nouns = "dog cat horse bird fox owl cow hen goat pig duck".split()  # 121 sentences: over the minimum
+    more = [f"The {adjective} {noun} ran home." for adjective in adjectives for noun in nouns]
+    (fortunes / "more").write_text("\n%\n".join(more) + "\n")
+    sentences, source = load_sentences(text_root=tmp_path)
+    assert source == "fortunes" == text_source_name(tmp_path)
+    assert "THE RED CAT SAT ON THE MAT TODAY" in sentences and len(sentences) == len(set(sentences))
+    devil = tmp_path / "usr/share/dictd/devil.dict.dz"
+    devil.parent.mkdir(parents=True)
+    with gzip.open(devil, "wt") as stream:
+        stream.write("ABSTAINER, n.  A weak person who yields to temptation.\n")
+    pooled, source = load_sentences(text_root=tmp_path)
+    assert source == "devil+fortunes" == text_source_name(tmp_path)
+    assert pooled[0] == "A WEAK PERSON WHO YIELDS TO TEMPTATION"
+    assert set(sentences) < set(pooled)
+    monkeypatch.setenv("UNSINK_DEB_ROOT", str(tmp_path))
+    assert default_text_root() == tmp_path and load_sentences()[1] == "devil+fortunes"
+
+
+def test_a_corpus_of_repeated_builtin_sentences_warns(caplog):
+    rows = [ManifestRow("synthetic", f"synthetic/train/slt/{i:05d}.mp4", 50, f"SENTENCE {i % 3} IS HERE")
+            for i in range(9)]  # fmt: skip
+    with caplog.at_level(logging.INFO, logger="data.avsr.synthetic_corpus"):
+        assert _report_train_sentences(rows, "builtin") == 3
+    assert "memorises" in caplog.text and "9 training clips repeat 3 built-in sentences" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="data.avsr.synthetic_corpus"):
+        assert _report_train_sentences(rows[:3], "devil+fortunes") == 3
+    assert "memorises" not in caplog.text and "3 distinct sentences" in caplog.text
 
 
 def test_builtin_synthesizer_is_deterministic_and_sentence_dependent(monkeypatch):
@@ -145,3 +193,16 @@ def test_builtin_synthesizer_is_deterministic_and_sentence_dependent(monkeypatch
     assert abs(spread_a[openness_a > 0.3].mean() - spread_b[openness_b > 0.3].mean()) > 0.05
     low, high = (synth.synthesize("A MAN", voice) for voice in ("low", "high"))
     assert not np.array_equal(low, high)
+
+
+def test_training_clips_never_cycle_into_held_out_sentences(tmp_path):
+    """Three times more training candidates than the pool holds: train cycles over its own part only (the
+    first version wrapped around into the test and val sentences)."""
+    sentences = [f"SENTENCE NUMBER {word} IS HERE" for word in "ABCDEFGHIJKLMNOPQRSTUVWXYZ"] * 2
+    sentences = [f"{s} {'X' * (i + 1)}" for i, s in enumerate(sentences)]  # 52 distinct
+    params = CorpusParams(num_train=60, num_val=2, num_test=2, seed=3)
+    jobs = _jobs(tmp_path, params, sentences, "builtin")
+    held = {s for job in jobs if job.split != "train" for s in job.candidates}
+    trained = {s for job in jobs if job.split == "train" for s in job.candidates}
+    assert len(held) == 12 and not held & trained and len(trained) == len(sentences) - 12
+    assert [job.split for job in jobs].count("train") == 60

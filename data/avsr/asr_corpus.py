@@ -48,9 +48,11 @@ from data.avsr.text_sources import (
     FORTUNES_DIR,
     GCIDE_DICT,
     builtin_sentences,
+    default_text_root,
     devil_dictionary_sentences,
     fortune_sentences,
     gcide_sentences,
+    under_root,
 )
 
 FORMAT_VERSION = 1
@@ -116,19 +118,6 @@ class AsrClipJob:
     lowercase: bool
 
 
-def default_text_root() -> str:
-    """$UNSINK_DEB_ROOT if set; else / when the packages are installed; else /tmp/debroot where
-    studies/gpu_env.sh unpacks carried .debs."""
-    if "UNSINK_DEB_ROOT" in os.environ:
-        return os.environ["UNSINK_DEB_ROOT"]
-    unpacked = Path("/tmp/debroot")
-    return (
-        str(unpacked)
-        if not FORTUNES_DIR.is_dir() and (unpacked / FORTUNES_DIR.relative_to("/")).is_dir()
-        else "/"
-    )
-
-
 def sentence_pool(
     params: AsrCorpusParams, text_root: str | Path = "/", sources: tuple[str, ...] | None = None
 ) -> list[str]:
@@ -146,7 +135,7 @@ def sentence_pool(
             sentences += builtin_sentences(params.min_words, params.max_words)
             continue
         read, system_path = readers[source]
-        path = root / system_path.relative_to("/")
+        path = under_root(root, system_path)
         if not path.exists():
             raise FileNotFoundError(
                 f"text source {source!r}: {path} is missing (install Debian fortunes / dict-devil / dict-gcide, "

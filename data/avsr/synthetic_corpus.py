@@ -10,6 +10,7 @@ Each clip depends only on (seed, split, index), so building with several process
 Audio is padded to whole video frames (640 samples), so video frames == samples / 640 == input_length.
 """
 
+import logging
 import time
 from concurrent.futures import ProcessPoolExecutor
 from contextlib import nullcontext
@@ -34,10 +35,12 @@ from data.avsr.speech_synth import make_synthesizer, synthesizer_name
 from data.avsr.text_sources import load_sentences, text_source_name
 
 MARKER = "corpus.json"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: train never cycles into the held-out sentences
 SPLITS = ("train", "val", "test")
 LIBRIVOX_DIR = Path("/usr/share/pocketsphinx/test/data/librivox")
 CANDIDATES_PER_CLIP = 3
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -120,16 +123,24 @@ def librivox_utterances(directory: Path = LIBRIVOX_DIR) -> list[tuple[Path, str]
 
 
 def _jobs(out: Path, params: CorpusParams, sentences: list[str], synthesizer: str) -> list[ClipJob]:
+    """One job per clip. Test and val take the first sentences of the shuffled pool; train cycles over the
+    rest, so no held-out sentence is trained on however many clips train asks for (when the pool is too small
+    to leave any, as with the built-in list, train cycles over all of it: `_report_train_sentences` warns)."""
     rng = np.random.default_rng(params.seed)
     order = rng.permutation(len(sentences))
     voices = make_synthesizer(synthesizer).voices
-    counts = {"train": params.num_train, "val": params.num_val, "test": params.num_test}
-    # held-out splits take sentences first so they differ from training ones whenever the pool allows
-    jobs, cursor = [], 0
-    for split in ("test", "val", "train"):
-        for index in range(counts[split]):
-            picks = [sentences[order[(cursor + k) % len(order)]] for k in range(CANDIDATES_PER_CLIP)]
-            cursor += CANDIDATES_PER_CLIP
+    held_out = (params.num_test + params.num_val) * CANDIDATES_PER_CLIP
+    train_pool, train_start = (order[held_out:], 0) if held_out < len(order) else (order, held_out)
+    plan = (
+        ("test", params.num_test, order, 0),
+        ("val", params.num_val, order, params.num_test * CANDIDATES_PER_CLIP),
+        ("train", params.num_train, train_pool, train_start),
+    )
+    jobs = []
+    for split, count, pool, start in plan:
+        for index in range(count):
+            first = start + index * CANDIDATES_PER_CLIP
+            picks = [sentences[pool[(first + k) % len(pool)]] for k in range(CANDIDATES_PER_CLIP)]
             voice = voices[int(rng.integers(len(voices)))]
             jobs.append(
                 ClipJob(str(out), split, index, tuple(picks), voice, synthesizer, params.seed,
@@ -168,16 +179,35 @@ def _build_into(folder: Path, params: CorpusParams, workers: int, progress: bool
         )
     for split in SPLITS:
         write_manifest(folder / "labels" / f"{split}.csv", rows[split])
+    train_sentences = _report_train_sentences(rows["train"], text_source)
     return {
         "format_version": FORMAT_VERSION,
         "params": asdict(params),
         "synthesizer": synthesizer,
         "text_source": text_source,
         "clips": {split: len(rows[split]) for split in SPLITS},
+        "distinct_train_sentences": train_sentences,
         "librivox_test_clips": len(librivox),
         "seconds": {split: sum(r.input_length for r in rows[split]) / 25 for split in SPLITS},
         "build_seconds": round(time.perf_counter() - started, 2),
     }
+
+
+def _report_train_sentences(train_rows: list[ManifestRow], text_source: str) -> int:
+    """Log how many distinct sentences the training clips speak; warn when clips repeat a small pool
+    (the built-in list): a model then memorises those sentences and cannot learn to read unseen ones."""
+    distinct = len({row.text for row in train_rows})
+    log.info("synthetic corpus: %d training clips speak %d distinct sentences (text source %s)",
+             len(train_rows), distinct, text_source)  # fmt: skip
+    if text_source == "builtin" and len(train_rows) > distinct:
+        log.warning(
+            "synthetic corpus: %d training clips repeat %d built-in sentences, so a model trained on them "
+            "memorises those sentences and will not transcribe unseen ones (val WER stays near 100%%). "
+            "Install Debian fortunes and dict-devil (about 14,800 sentences), or unpack them with "
+            "studies/gpu_debs.sh and set UNSINK_DEB_ROOT.",
+            len(train_rows), distinct,
+        )  # fmt: skip
+    return distinct
 
 
 def _marker_matches(out: Path, params: CorpusParams) -> bool:

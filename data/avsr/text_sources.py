@@ -1,10 +1,15 @@
 """Short plain sentences for the synthetic corpus, in LRS3 style (uppercase letters and apostrophes).
 
-Sources, first available wins: Bierce's Devil's Dictionary (Debian dict-devil, public domain, gzip),
-BSD fortunes (Debian fortunes), then the built-in list `builtin_sentences.txt` shipped with the repo.
+Sources: Bierce's Devil's Dictionary (Debian dict-devil, public domain, gzip) and BSD fortunes (Debian
+fortunes), pooled when present (about 650 + 14,000 sentences of 3-10 words); else the built-in list
+`builtin_sentences.txt` shipped with the repo (81 sentences: enough for tests and the CPU demo's format, far
+too few for a model that must read unseen sentences). The Debian paths are looked up under a text root:
+`$UNSINK_DEB_ROOT`, else / where the packages are installed, else /tmp/debroot where studies/gpu_env.sh
+unpacks carried .debs.
 """
 
 import gzip
+import os
 import re
 from pathlib import Path
 
@@ -15,6 +20,7 @@ GCIDE_DICT = Path("/usr/share/dictd/gcide.dict.dz")  # its index beside it: gcid
 FORTUNES_DIR = Path("/usr/share/games/fortunes")
 BUILTIN_SENTENCES = Path(__file__).with_name("builtin_sentences.txt")
 MIN_SENTENCES_PER_SOURCE = 100
+UNPACKED_DEB_ROOT = Path("/tmp/debroot")  # studies/gpu_env.sh unpacks carried .debs here
 
 _SENTENCE_END = re.compile(r"(?<=[.!?;:])\s+")
 _ABBREVIATION_DOT = re.compile(r"\b(Mr|Mrs|Dr|St|Mt|Jr|Sr|Rev|Gen|Col|Capt|Prof|vs|viz|etc)\.")
@@ -82,21 +88,46 @@ def builtin_sentences(min_words: int = 3, max_words: int = 10) -> list[str]:
     return [sentence for sentence in sentences if sentence]
 
 
-def load_sentences(min_words: int = 3, max_words: int = 10) -> tuple[list[str], str]:
-    """(sentences, source name) from the first source giving at least MIN_SENTENCES_PER_SOURCE."""
-    if DEVIL_DICT.exists():
-        sentences = devil_dictionary_sentences(min_words, max_words)
-        if len(sentences) >= MIN_SENTENCES_PER_SOURCE:
-            return sentences, "devil"
-    if FORTUNES_DIR.is_dir():
-        sentences = fortune_sentences(min_words, max_words)
-        if len(sentences) >= MIN_SENTENCES_PER_SOURCE:
-            return sentences, "fortunes"
+def default_text_root() -> Path:
+    """$UNSINK_DEB_ROOT if set; else / when a Debian text package is installed; else /tmp/debroot when one
+    is unpacked there; else /."""
+    if "UNSINK_DEB_ROOT" in os.environ:
+        return Path(os.environ["UNSINK_DEB_ROOT"])
+    installed = DEVIL_DICT.exists() or FORTUNES_DIR.is_dir()
+    unpacked = any(under_root(UNPACKED_DEB_ROOT, path).exists() for path in (DEVIL_DICT, FORTUNES_DIR))
+    return UNPACKED_DEB_ROOT if unpacked and not installed else Path("/")
+
+
+def under_root(text_root: str | Path, system_path: Path) -> Path:
+    """`system_path` (absolute, e.g. /usr/share/dictd/devil.dict.dz) inside `text_root`."""
+    return Path(text_root) / system_path.relative_to("/")
+
+
+def _present_sources(text_root: Path) -> list[tuple[str, Path]]:
+    candidates = (("devil", DEVIL_DICT, Path.exists), ("fortunes", FORTUNES_DIR, Path.is_dir))
+    return [(name, under_root(text_root, path)) for name, path, present in candidates
+            if present(under_root(text_root, path))]  # fmt: skip
+
+
+def load_sentences(
+    min_words: int = 3, max_words: int = 10, text_root: str | Path | None = None
+) -> tuple[list[str], str]:
+    """(unique sentences, source name): the Devil's Dictionary and fortunes pooled, as far as present under
+    `text_root` (default `default_text_root()`), or the built-in list when they give fewer than
+    MIN_SENTENCES_PER_SOURCE. The name joins the sources used ("devil+fortunes") or is "builtin"."""
+    root = default_text_root() if text_root is None else Path(text_root)
+    readers = {"devil": devil_dictionary_sentences, "fortunes": fortune_sentences}
+    pooled, names = [], []
+    for name, path in _present_sources(root):
+        pooled += readers[name](min_words, max_words, path)
+        names.append(name)
+    pooled = list(dict.fromkeys(pooled))
+    if len(pooled) >= MIN_SENTENCES_PER_SOURCE:
+        return pooled, "+".join(names)
     return builtin_sentences(min_words, max_words), "builtin"
 
 
-def text_source_name() -> str:
-    """Which source `load_sentences` would use, without reading it all (for cache keys)."""
-    if DEVIL_DICT.exists():
-        return "devil"
-    return "fortunes" if FORTUNES_DIR.is_dir() else "builtin"
+def text_source_name(text_root: str | Path | None = None) -> str:
+    """Which sources `load_sentences` would use, without reading them (for cache keys)."""
+    root = default_text_root() if text_root is None else Path(text_root)
+    return "+".join(name for name, _ in _present_sources(root)) or "builtin"
