@@ -50,6 +50,11 @@ def test_demo_keeps_cpu_numbers_and_scales_up_on_a_gpu(cuda, monkeypatch):
         assert demo["model.kernels"] == "fast"
         # the ninth session's GPU demo memorised 3,000 clips of the 81 built-in sentences: more clips now
         assert demo["data.prepare.num_train"] >= 10_000
-        same_kind = ("trainer.precision", "trainer.accelerator", "data.audio_time_mask_window", "model.kernels")
+        same_kind = (
+            "trainer.precision",
+            "trainer.accelerator",
+            "data.audio_time_mask_window",
+            "model.kernels",
+        )
         assert all(demo[key] > cpu[key] for key in cpu if key not in same_kind)
         assert _demo("trainer.accelerator=cpu") == cpu  # forcing the CPU gives the CPU demo back
