@@ -23,8 +23,13 @@ def runs_on_gpu(accelerator: str) -> bool:
 
 
 def if_gpu(accelerator: str, on_gpu, on_cpu):
-    """on_gpu if a trainer with this accelerator runs on a GPU, else on_cpu."""
-    return on_gpu if runs_on_gpu(str(accelerator)) else on_cpu
+    """on_gpu if a trainer with this accelerator runs on a GPU, else on_cpu. A list or dict value (`[q_proj,
+    v_proj]`) comes back as a config node: `OmegaConf.resolve`, which Hydra's instantiate calls, cannot store a
+    plain Python list where the interpolation was."""
+    from omegaconf import OmegaConf
+
+    value = on_gpu if runs_on_gpu(str(accelerator)) else on_cpu
+    return OmegaConf.create(value) if isinstance(value, (list, dict)) else value
 
 
 def gpu_if_available() -> str:

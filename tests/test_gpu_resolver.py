@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 
 from harness.gpu_resolver import gpu_if_available, if_gpu
 from tests.hydra_utils import compose_train
@@ -20,6 +21,8 @@ def _demo(*overrides: str) -> dict:
         "objective.decorr.start_step": cfg.objective.decorr.start_step,
         "objective.decorr.warmup_steps": cfg.objective.decorr.warmup_steps,
         "model.kernels": cfg.model.kernels,
+        "peft.r": cfg.peft.r,
+        "peft.target_modules": cfg.peft.target_modules,
     }
 
 
@@ -32,6 +35,18 @@ def test_if_gpu_follows_the_accelerator(monkeypatch):
     assert if_gpu("auto", "big", "small") == "small" and gpu_if_available() == "cpu"
 
 
+@pytest.mark.parametrize("accelerator", ["cpu", "gpu"])
+def test_a_list_valued_branch_survives_resolve(accelerator):
+    """The demo's LoRA targets are a list on CPU and a string on a GPU; Hydra's instantiate calls
+    OmegaConf.resolve, which failed on a plain list coming back from the resolver."""
+    cfg = OmegaConf.create(
+        {"acc": accelerator, "peft": {"targets": "${if_gpu:${acc},all-linear,[q_proj,v_proj]}"}}
+    )
+    OmegaConf.resolve(cfg)
+    expected = "all-linear" if accelerator == "gpu" else ["q_proj", "v_proj"]
+    assert OmegaConf.to_container(cfg.peft)["targets"] == expected
+
+
 @pytest.mark.parametrize("cuda", [False, True])
 def test_demo_keeps_cpu_numbers_and_scales_up_on_a_gpu(cuda, monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
@@ -39,7 +54,8 @@ def test_demo_keeps_cpu_numbers_and_scales_up_on_a_gpu(cuda, monkeypatch):
     cpu = {"trainer.max_steps": 80, "trainer.precision": "32-true", "data.max_frames": 400,
            "data.prepare.num_train": 200, "scheduler.warmup_steps": 5, "trainer.accelerator": "cpu",
            "data.audio_time_mask_window": 6400, "objective.decorr.start_step": 0,
-           "objective.decorr.warmup_steps": 0, "model.kernels": "plain"}  # fmt: skip
+           "objective.decorr.warmup_steps": 0, "model.kernels": "plain",
+           "peft.r": 8, "peft.target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"]}  # fmt: skip
     if not cuda:
         assert demo == cpu
     else:
@@ -47,7 +63,7 @@ def test_demo_keeps_cpu_numbers_and_scales_up_on_a_gpu(cuda, monkeypatch):
         assert demo["data.audio_time_mask_window"] == 0  # study 2's val tuning: masking off
         # study 2: the loss from step 0 delays reading the audio by ~500 steps; the GPU demo starts it at 500
         assert demo["objective.decorr.start_step"] == 500 and demo["objective.decorr.warmup_steps"] == 100
-        assert demo["model.kernels"] == "fast"
+        assert demo["model.kernels"] == "fast" and demo["peft.target_modules"] == "all-linear"
         # the ninth session's GPU demo memorised 3,000 clips of the 81 built-in sentences: more clips now
         assert demo["data.prepare.num_train"] >= 10_000
         same_kind = (
@@ -55,6 +71,7 @@ def test_demo_keeps_cpu_numbers_and_scales_up_on_a_gpu(cuda, monkeypatch):
             "trainer.accelerator",
             "data.audio_time_mask_window",
             "model.kernels",
+            "peft.target_modules",
         )
         assert all(demo[key] > cpu[key] for key in cpu if key not in same_kind)
         assert _demo("trainer.accelerator=cpu") == cpu  # forcing the CPU gives the CPU demo back
