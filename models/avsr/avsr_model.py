@@ -104,24 +104,27 @@ class AVSRModel(nn.Module):
         """Packed LLM inputs: right-padded with transcript + EOS targets, or left-padded prefixes to generate."""
         device = self.device
         tokens = self.modality_tokens(batch)
+        # one host read per modality, not one per clip: slicing by a device length would sync every row
+        lengths = {name: per_clip.tolist() for name, (_, per_clip) in tokens.items()}
         fixed = {k: self._embed(v, device) for k, v in self.text_ids.items()}
+        if with_targets:  # every transcript + EOS embedded in one call; labels stay on the host for pack_rows
+            ids = [self._ids(" " + text.strip()) + [self.eos_id] for text in batch["text"]]
+            sizes = [len(row) for row in ids]
+            flat = torch.tensor([i for row in ids for i in row], dtype=torch.long)
+            labels, target_embeds = flat.split(sizes), self._embed(flat, device).split(sizes)
         rows = []
         for b in range(len(batch["text"])):
             pieces = [Piece(fixed["bos"], seg.BOS)]
             for name in self.modalities:
-                values, lengths = tokens[name]
                 segment = seg.AUDIO if name == "audio" else seg.VIDEO
                 pieces += [
                     Piece(fixed[f"{name}_open"], seg.DELIMITER),
-                    Piece(values[b, : lengths[b]], segment),
+                    Piece(tokens[name][0][b, : lengths[name][b]], segment),
                     Piece(fixed[f"{name}_close"], seg.DELIMITER),
                 ]
             pieces.append(Piece(fixed["prompt"], seg.PROMPT))
             if with_targets:
-                target = torch.tensor(
-                    self._ids(" " + batch["text"][b].strip()) + [self.eos_id], device=device
-                )
-                pieces.append(Piece(self._embed(target, device), seg.TARGET, labels=target))
+                pieces.append(Piece(target_embeds[b], seg.TARGET, labels=labels[b]))
             rows.append(pieces)
         return pack_rows(rows, padding_side="right" if with_targets else "left")
 

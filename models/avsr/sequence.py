@@ -42,36 +42,29 @@ class PackedSequence:
 
 
 def pack_rows(rows: list[list[Piece]], padding_side: str = "right") -> PackedSequence:
-    """Concatenate each row's pieces and pad rows to the longest (zero embeddings, mask 0, PAD, -100)."""
+    """Concatenate each row's pieces and pad rows to the longest (zero embeddings, mask 0, PAD, -100).
+
+    Labels and segments are integer metadata: they are built on the host and moved to the embeddings'
+    device in one copy each, so packing a batch costs two copies and one embedding concatenation per row
+    instead of a few small device kernels per piece (pass labels as CPU tensors to keep it sync-free).
+    """
     if padding_side not in ("right", "left"):
         raise ValueError(f"padding_side must be 'right' or 'left', got {padding_side!r}")
-    embeds, labels, segments = [], [], []
-    for pieces in rows:
-        embeds.append(torch.cat([p.embeds for p in pieces]))
-        device = embeds[-1].device
-        labels.append(
-            torch.cat(
-                [
-                    p.labels.to(device)
-                    if p.labels is not None
-                    else torch.full((len(p.embeds),), IGNORE_INDEX, dtype=torch.long, device=device)
-                    for p in pieces
-                ]
-            )
-        )
-        segments.append(
-            torch.cat(
-                [torch.full((len(p.embeds),), p.segment, dtype=torch.long, device=device) for p in pieces]
-            )
-        )
+    embeds = [torch.cat([p.embeds for p in pieces]) for pieces in rows]
     longest = max(len(e) for e in embeds)
     batch, dim = len(rows), embeds[0].shape[-1]
     out_embeds = embeds[0].new_zeros(batch, longest, dim)
-    out_labels = torch.full((batch, longest), IGNORE_INDEX, dtype=torch.long, device=out_embeds.device)
-    out_segments = torch.full((batch, longest), seg.PAD, dtype=torch.long, device=out_embeds.device)
-    for row, (e, lab, s) in enumerate(zip(embeds, labels, segments)):
-        span = slice(0, len(e)) if padding_side == "right" else slice(longest - len(e), longest)
-        out_embeds[row, span] = e
-        out_labels[row, span] = lab
-        out_segments[row, span] = s
+    out_labels = torch.full((batch, longest), IGNORE_INDEX, dtype=torch.long)
+    out_segments = torch.full((batch, longest), seg.PAD, dtype=torch.long)
+    for row, (pieces, e) in enumerate(zip(rows, embeds)):
+        start = 0 if padding_side == "right" else longest - len(e)
+        out_embeds[row, start : start + len(e)] = e
+        for piece in pieces:
+            stop = start + len(piece.embeds)
+            out_segments[row, start:stop] = piece.segment
+            if piece.labels is not None:
+                out_labels[row, start:stop] = piece.labels.cpu()
+            start = stop
+    device = out_embeds.device
+    out_labels, out_segments = out_labels.to(device), out_segments.to(device)
     return PackedSequence(out_embeds, (out_segments != seg.PAD).long(), out_labels, out_segments)
