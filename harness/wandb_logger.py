@@ -85,7 +85,13 @@ def make_wandb_logger(
     The run id equals the run folder key with `resume="allow"`, so a requeued job continues its W&B run;
     offline runs are uploaded later with `wandb sync <save_dir>/wandb/offline-run-*`.
     """
-    import wandb
+    try:
+        import wandb
+    except ImportError as err:  # e.g. a GPU image without it: say what to do instead of a bare import error
+        raise ImportError(
+            "the W&B logger needs the wandb package (`make setup` installs it); without it, run with "
+            "logger=csv (CSV metrics only) or logger=none"
+        ) from err
 
     if mode == "auto":
         mode = os.environ.get("WANDB_MODE") or ("online" if has_wandb_credentials() else "offline")

@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import logging
 import socket
+import sys
 
+import pytest
+
+from harness.wandb_logger import make_wandb_logger
 from tests.hydra_utils import compose_train, tiny_sft_overrides
 from train import _finish_wandb, train
 
@@ -44,3 +48,10 @@ def test_unreachable_wandb_with_a_key_falls_back_to_offline_and_training_finishe
     offline_runs = list((run_dir / "wandb").glob("offline-run-*"))
     assert len(offline_runs) == 1 and list(offline_runs[0].glob("*.wandb"))
     assert (run_dir / "adapter" / "adapter_config.json").exists()
+
+
+def test_a_missing_wandb_package_names_the_loggers_that_work(monkeypatch, tmp_path):
+    """The GPU image has no wandb: the error says which logger settings run without it."""
+    monkeypatch.setitem(sys.modules, "wandb", None)  # `import wandb` now raises ImportError
+    with pytest.raises(ImportError, match="logger=csv"):
+        make_wandb_logger(project="p", save_dir=str(tmp_path), run_id="r")
