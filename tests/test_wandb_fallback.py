@@ -1,4 +1,5 @@
-"""W&B with an API key but no network: one warning, offline logging, training finishes."""
+"""W&B with an API key but no network: one warning, offline logging, training finishes; without the wandb
+package: an error that names the loggers that run without it."""
 
 from __future__ import annotations
 
