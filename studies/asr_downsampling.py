@@ -35,6 +35,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from studies.arm_archive import restore, restored_from  # noqa: E402
 from studies.arms import Arm, arm_dir, arm_results, run_arms, visible_gpus  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
@@ -119,6 +120,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=[],
         help="extra Hydra override for the loss arms only, e.g. objective.decorr.tokens=sinks or "
         "objective.decorr.start_step=400 (give such a variant its own --out)",
+    )
+    p.add_argument(
+        "--reuse-arms-from",
+        default=None,
+        help="archive folder (docs/results_<date>/<study>, studies/arm_archive.py) whose finished arms this "
+        "study takes instead of training them again, where the archived command has the same overrides "
+        "(e.g. the baseline arms of a seed that an earlier run trained); the report names them",
     )
     p.add_argument("--report-only", action="store_true", help="write the report from finished arms")
     p.add_argument("--smoke", action="store_true", help="tiny models, tiny corpus, CPU, a few steps")
@@ -288,9 +296,9 @@ def arm_row(study_dir: Path, spec: ArmSpec) -> dict | None:
     after, before = results.get("after", {}), results.get("before", {})
     folder = arm_dir(study_dir, arm)
     started = folder / "command.txt"
-    minutes = (
+    minutes = (  # an arm restored from an archive was not timed here: its files were copied
         ((folder / "results.json").stat().st_mtime - started.stat().st_mtime) / 60
-        if started.exists()
+        if started.exists() and not restored_from(study_dir, spec.name)
         else None
     )
     return {
@@ -601,6 +609,11 @@ def write_report(
             f"{_fmt(r['val_wer_before'], True)} | {_fmt(r['val_wer'], True)} | {_fmt(r['test_wer'], True)} | "
             f"{_fmt(r['val_loss'])} | {_fmt(r['test_loss'])} | {r['steps']} | {_fmt(r['minutes'], digits=1)} |"
         )
+    reused = {r["arm"]: restored_from(study_dir, r["arm"]) for r in rows}
+    reused = {arm: source for arm, source in reused.items() if source}
+    if reused:
+        lines += ["", "Reused, not trained in this run (an earlier run of the same command, restored from its archive): "
+                  + "; ".join(f"{arm} ({source})" for arm, source in reused.items()) + "."]  # fmt: skip
     missing = [s.name for s in specs if s.name not in {r["arm"] for r in rows}]
     if missing:
         lines += ["", f"Unfinished arms: {', '.join(missing)}."]
@@ -638,6 +651,11 @@ def main(argv: list[str] | None = None) -> Path:
         prepare_assets(args)
         common = common_overrides(args)
         arms = [Arm(spec.name, arm_overrides(spec, args) + common) for spec in specs]
+        if args.reuse_arms_from:
+            reused, refused = restore(args.reuse_arms_from, study_dir, arms)
+            print(f"[study] reused from {args.reuse_arms_from}: {', '.join(reused) or 'none'}", flush=True)
+            for name, why in refused.items():
+                print(f"[study] {name}: archived, but trained again ({why})", flush=True)
         env_before = os.environ.get("WANDB_MODE")
         os.environ.setdefault("WANDB_MODE", "disabled")
         failures = run_study(arms, study_dir, args)

@@ -28,7 +28,8 @@
 # arguments, e.g. "--seeds 0,1"), 2 asr_downsampling (at the study's val-tuned defaults, 1,000 steps, seeds
 # ASR_SEEDS (0), one loss arm per weight in ASR_WEIGHTS ("1 10"), into $S/${ASR_DIR:-asr_gcide}; needs the `stage`
 # calls, and `corpus` first saves minutes; ASR_ARGS replaces its arguments), 2s (the same with the loss on sink
-# tokens only, from step 400, seeds SINKS_SEEDS (0), weights SINKS_WEIGHTS (10), into $S/asr_gcide_sinks_late),
+# tokens only, from step 400, seeds SINKS_SEEDS (0), weights SINKS_WEIGHTS (10), into $S/asr_gcide_sinks_late,
+# baseline arms reused from the archive SINKS_REUSE where the command matches),
 # 2L (the x4 baseline alone for 4,000 steps, into $S/asr_gcide_long); CHAIN=1 runs
 # them one after another in one job (memory-heavy studies: 3 and 4 side by side ran out of memory). Every call ends by packing what exists, so a machine
 # taken back mid-run still returns each arm's CSV log and sink measurements of the calls before.
@@ -108,9 +109,12 @@ case $phase in
         # 0.8 in some layer, the intermediate-sink metric's threshold: what the paper means to remove; at 0.5 about
         # half the audio tokens would count, their mean cosine is 0.50) and switched on at step 400, after the
         # baseline's x4 transition
+        # baseline (CE) arms already trained with the same command are taken from SINKS_REUSE (default: the
+        # ninth session's archive, which holds seed 1's; studies/arm_archive.py), so only the loss arms train
         cmd="$asr --out $S/asr_gcide_sinks_late --seeds ${SINKS_SEEDS:-0} --decorr-weight ${SINKS_WEIGHTS:-10} \
           $asr_arms --loss-override objective.decorr.tokens=sinks --loss-override objective.decorr.sink_threshold=0.8 \
-          --loss-override objective.decorr.start_step=400" ;;
+          --loss-override objective.decorr.start_step=400 \
+          --reuse-arms-from ${SINKS_REUSE:-docs/results_2026-11-29f/asr_gcide}" ;;
       2L)  # does the x4 baseline reach 15% with more steps? Its val WER was still falling at step 999 (49.8 ->
         # 37.2 -> 34.9% at 499 / 749 / 999 in the tuning run): one arm, 4,000 steps, val every 500
         cmd="$asr --out $S/asr_gcide_long --seeds 0 --only x4_base_s0 --steps 4000 --val-every 500 \
