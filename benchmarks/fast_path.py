@@ -273,11 +273,14 @@ def random_llama(
 
 
 def build_objectives(name: str, backbone) -> dict:
-    """objective_throughput.py's objectives (the same settings), plus LeaF, which needs the teacher."""
-    if name == "leaf":  # teacher: the full-depth model; student: every other layer (as lm_leaf)
+    """objective_throughput.py's objectives (the same settings), plus LeaF, which needs the teacher: `leaf`
+    with its fused KL from hidden states, `leaf_logits` with both models' full logits (the eighth session's
+    row, 70.5 GiB at 1B)."""
+    if name in ("leaf", "leaf_logits"):  # teacher: the full-depth model; student: every other layer
         from recipes.objectives.leaf import LeafDistillationObjective
 
-        return {"leaf": LeafDistillationObjective(teacher=backbone, temperature=1.0)}
+        fused = name == "leaf"
+        return {"leaf": LeafDistillationObjective(teacher=backbone, temperature=1.0, fused=fused)}
     from benchmarks import objective_throughput as ot
 
     return ot.build_objectives(name)
@@ -350,7 +353,7 @@ def lm_recipe(kernels: str, objective: str, args, fast_overrides=None, attn: str
         random_llama, shape, args.tokenizer, device, "fp32" if args.tiny else "bf16", attn=attn
     )
     student = backbone
-    if objective == "leaf":  # LeaF student: every other layer
+    if objective.startswith("leaf"):  # LeaF student: every other layer
         student = partial(build_layer_subset, backbone=backbone, layers="::2")
     fast = {
         "require_cuda": not args.tiny,
@@ -362,7 +365,7 @@ def lm_recipe(kernels: str, objective: str, args, fast_overrides=None, attn: str
         optimizer=partial(torch.optim.AdamW, lr=1e-4),
         lora={"r": 16, "alpha": 32, "dropout": 0.05, "target_modules": "all-linear"},
         objectives=build_objectives(objective, backbone),
-        ce_weight=0.0 if objective == "leaf" else 1.0,
+        ce_weight=0.0 if objective.startswith("leaf") else 1.0,
         kernels=kernels,
         fast=fast,
     )
@@ -440,9 +443,9 @@ def lm1b(args) -> list[dict]:
             "recipe fast + adl_compiled", "fast", "adl_compiled", long_b, long_t, args
         ),
     }
-    for objective in ("decorr", "adl", "adl_compiled", "meap", "leaf"):
+    for objective in ("decorr", "adl", "adl_compiled", "meap", "leaf", "leaf_logits"):
         plan[objective] = partial(recipe_row, f"recipe fast + {objective}", "fast", objective, B, T, args)
-    default = ["bare", "plain", "fast", "liger", "chunked", "decorr", "adl", "adl_compiled", "meap", "leaf", "long", "long_adl", "long_adl_compiled"]  # fmt: skip
+    default = ["bare", "plain", "fast", "liger", "chunked", "decorr", "adl", "adl_compiled", "meap", "leaf", "leaf_logits", "long", "long_adl", "long_adl_compiled"]  # fmt: skip
     names = args.rows.split(",") if args.rows else [n for n in default if not (args.tiny and n == "liger")]
     return [plan[name]() for name in names]
 

@@ -3,6 +3,11 @@
 Token normalisation across gradient accumulation and ranks: `loss` returns the SUM of the per-token KL
 (`reduction = "sum"`); the recipe divides the gradients by the number of target tokens of the whole
 accumulation window on all ranks (recipes/objectives/window.py). Logged values are per-token means.
+
+`fused: true` (the default) computes the KL from both models' final hidden states and frozen heads, chunk by
+chunk (models/fused_linear_kl.py): neither model's [B,T,V] logits are made, so on the fast path the student's
+CE stays fused too. `fused: false`, or a head that is not a frozen bias-free Linear, reads full logits
+(`losses/leaf.py: distillation_loss`), as the reference does.
 """
 
 from __future__ import annotations
@@ -13,6 +18,9 @@ import torch
 
 from losses.leaf import distillation_loss
 from models.causal_lm import resolve_dtype
+from models.fast_loss import frozen_head_parts
+from models.fused_linear_kl import fused_linear_kl
+from models.segments import IGNORE_INDEX
 from recipes.objectives.base import Objective, ObjectiveContext
 
 
@@ -41,11 +49,12 @@ class LeafDistillationObjective(Objective):
             device on first use.
         temperature: T; the loss is scaled by T^2.
         weight: 1.0; with `model.ce_weight: 0` (lm_leaf) distillation is the whole loss, as in the reference.
+        fused: KL from hidden states without [B,T,V] logits (see the module docstring); chunk_tokens: the
+            positions whose two logit blocks are alive at once.
     """
 
     name = "leaf"
     reduction = "sum"
-    needs_logits = True
 
     def __init__(
         self,
@@ -55,8 +64,12 @@ class LeafDistillationObjective(Objective):
         weight: float = 1.0,
         warmup_steps: int = 0,
         start_step: int = 0,
+        fused: bool = True,
+        chunk_tokens: int = 2048,
     ):
         super().__init__(weight, warmup_steps, start_step)
+        self.fused, self.chunk_tokens = bool(fused), int(chunk_tokens)
+        self.needs_logits, self.needs_hidden_states = not self.fused, self.fused
         if temperature <= 0:
             raise ValueError(f"leaf.temperature must be > 0, got {temperature}")
         self.teacher_source = teacher
@@ -85,7 +98,46 @@ class LeafDistillationObjective(Objective):
 
     def loss(self, ctx: ObjectiveContext) -> torch.Tensor:
         labels = ctx.batch["labels"]
+        if self.fused:
+            heads = self._frozen_heads(ctx)
+            if heads is not None:
+                return self._fused_loss(ctx, labels, *heads)
+            if ctx.logits is None:
+                raise ValueError(
+                    "objective.leaf.fused=true needs frozen, bias-free Linear heads on both models (a trainable "
+                    "or tied-and-adapted head has none here): set objective.leaf.fused=false"
+                )
         teacher_logits = self.teacher_logits(ctx.batch, ctx.logits.device)
         loss_sum = distillation_loss(ctx.logits, teacher_logits, labels, self.temperature, reduction="sum")
         del teacher_logits  # free the [B,T,V] teacher logits before the backward pass
         return loss_sum
+
+    def _frozen_heads(self, ctx: ObjectiveContext) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(student head [V,D], teacher head [V',D']) when both are frozen bias-free Linears, else None."""
+        if ctx.model is None or ctx.hidden_states is None or self.teacher is None:
+            return None
+        student = frozen_head_parts(ctx.model.get_output_embeddings())
+        teacher = self.teacher.get_output_embeddings()
+        if student is None or student[1] is not None or not isinstance(teacher, torch.nn.Linear):
+            return None
+        if teacher.bias is not None or self.teacher.get_decoder() is None:
+            return None
+        return student[0], teacher.weight
+
+    def _fused_loss(self, ctx, labels, student_head, teacher_head) -> torch.Tensor:
+        hidden = ctx.hidden_states[-1]  # [B,T,D], after the final norm
+        if next(self.teacher.parameters()).device != hidden.device:
+            self.teacher.to(hidden.device)
+        with torch.no_grad():
+            teacher_hidden = self.teacher.get_decoder()(
+                input_ids=ctx.batch["input_ids"], attention_mask=ctx.batch["attention_mask"], use_cache=False
+            ).last_hidden_state
+        counted = labels[:, 1:] != IGNORE_INDEX  # logits at t predict labels[t+1]
+        return fused_linear_kl(
+            hidden[:, :-1][counted],
+            student_head,
+            teacher_hidden[:, :-1][counted],
+            teacher_head,
+            self.temperature,
+            self.chunk_tokens,
+        )
