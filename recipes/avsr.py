@@ -48,6 +48,8 @@ class AVSRRecipe(L.LightningModule):
     generation: kwargs of `AVSRModel.generate` for validation and test (max_new_tokens, num_beams).
     seed: seeds objective randomness per step.
     kernels / fast: the LLM's `plain` or `fast` path (models/fast.py; plain without CUDA).
+    lr_scale: {regex over parameter names: factor} learning-rate multipliers, e.g. {"model.encoders.audio":
+        0.05} for a pretrained encoder unfrozen with `audio_encoder.frozen=false` (recipes/optim.py).
     """
 
     def __init__(
@@ -72,6 +74,7 @@ class AVSRRecipe(L.LightningModule):
         seed: int = 0,
         kernels: str = "plain",
         fast: Mapping | None = None,
+        lr_scale: Mapping[str, float] | None = None,
     ):
         super().__init__()
         self.save_hyperparameters(
@@ -129,6 +132,7 @@ class AVSRRecipe(L.LightningModule):
         if trainable:
             set_trainable(self.model, trainable.get("freeze", []), trainable.get("unfreeze", []))
         self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
+        self.lr_scale = dict(lr_scale or {})
         self.ce_weight, self.seed = ce_weight, seed
         self.generation = dict(generation or {"max_new_tokens": 48, "num_beams": 1})
         self.loss_metrics = {"val": MeanMetric(), "test": MeanMetric()}
@@ -223,7 +227,9 @@ class AVSRRecipe(L.LightningModule):
         clip_gradients(self, optimizer, gradient_clip_val, gradient_clip_algorithm)
 
     def configure_optimizers(self):
-        return configure_optimizers(self, self.optimizer_factory, self.scheduler_factory)
+        return configure_optimizers(
+            self, self.optimizer_factory, self.scheduler_factory, lr_scale=self.lr_scale
+        )
 
     # ---- checkpoints: only what trains -----------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict) -> None:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import logging
 import math
+import re
+from collections.abc import Mapping
 
 import torch
 
@@ -49,15 +51,48 @@ def device_defaults(optimizer_factory, params: list, scaler=None) -> dict:
     return {"fused": True} if params and on_cuda else {}
 
 
-def configure_optimizers(module, optimizer_factory, scheduler_factory=None, flat: bool = False):
+def scaled_param_groups(
+    named_params: list[tuple[str, torch.nn.Parameter]], base_lr: float, lr_scale: Mapping[str, float]
+) -> list[dict]:
+    """Parameter groups whose learning rate is `base_lr` times the factor of the first `lr_scale` regex
+    (re.search over the parameter name) that matches, 1 where none does; e.g. {"model.encoders.audio": 0.05}
+    trains an unfrozen pretrained encoder 20x slower than the adapters. A pattern that matches no trainable
+    parameter, or a factor <= 0 (freeze those weights instead), is an error."""
+    patterns = {pattern: float(factor) for pattern, factor in lr_scale.items()}
+    bad = {pattern: factor for pattern, factor in patterns.items() if factor <= 0}
+    if bad:
+        raise ValueError(f"model.lr_scale factors must be > 0 (freeze those parameters instead): {bad}")
+    groups: dict[float, list[torch.nn.Parameter]] = {}
+    used = set()
+    for name, param in named_params:
+        pattern = next((pat for pat in patterns if re.search(pat, name)), None)
+        used.add(pattern)
+        groups.setdefault(patterns.get(pattern, 1.0), []).append(param)
+    unused = [pattern for pattern in patterns if pattern not in used]
+    if unused:
+        raise ValueError(
+            f"model.lr_scale: {unused} match no trainable parameter (names look like "
+            f"{[name for name, _ in named_params[:3]]}...)"
+        )
+    return [{"params": params, "lr": base_lr * factor} for factor, params in sorted(groups.items())]
+
+
+def configure_optimizers(
+    module, optimizer_factory, scheduler_factory=None, flat: bool = False, lr_scale: Mapping | None = None
+):
     """Lightning `configure_optimizers` body: AdamW-like partial over trainable params + step-wise schedule
     (fused AdamW on CUDA unless the config says otherwise: `device_defaults`). `flat`: the trainable params
     become views of one buffer per dtype/device (recipes/flat_params.py) and the optimizer gets the buffers;
     set as `module.flat_params`, whose `zero_grad` the recipe's `optimizer_zero_grad` calls.
-    Single process only: under DDP/FSDP the strategies own the gradient layout, so it is left off there."""
-    params = [p for p in module.parameters() if p.requires_grad]
+    Single process only: under DDP/FSDP the strategies own the gradient layout, so it is left off there.
+    `lr_scale`: {regex: factor} learning-rate multipliers by parameter name (`scaled_param_groups`); the
+    schedule scales every group alike."""
+    named = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
+    params = [p for _, p in named]
     if not params:
         raise ValueError("no trainable parameters: check `peft` and the freeze/unfreeze regexes")
+    if lr_scale and flat:
+        raise ValueError("model.lr_scale needs separate parameter groups: set model.flat_params=false")
     if flat:
         world = module.trainer.world_size if module._trainer is not None else 1
         if world > 1:
@@ -66,7 +101,14 @@ def configure_optimizers(module, optimizer_factory, scheduler_factory=None, flat
             module.flat_params = FlatParameters(params)
             params = list(module.flat_params.flat)
     scaler = amp_scaler(module._trainer) if module._trainer is not None else None
-    optimizer = optimizer_factory(params, **device_defaults(optimizer_factory, params, scaler))
+    defaults = device_defaults(optimizer_factory, params, scaler)
+    if lr_scale:
+        base_lr = (getattr(optimizer_factory, "keywords", {}) or {}).get("lr")
+        if base_lr is None:
+            raise ValueError("model.lr_scale needs the optimizer's lr in its config (optimizer.lr)")
+        optimizer = optimizer_factory(scaled_param_groups(named, float(base_lr), lr_scale), **defaults)
+    else:
+        optimizer = optimizer_factory(params, **defaults)
     if scheduler_factory is None:
         return optimizer
     total = module.trainer.estimated_stepping_batches if module._trainer is not None else 1

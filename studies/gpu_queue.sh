@@ -30,7 +30,8 @@
 # calls, and `corpus` first saves minutes; ASR_ARGS replaces its arguments), 2s (the same with the loss on sink
 # tokens only, from step 400, seeds SINKS_SEEDS (0), weights SINKS_WEIGHTS (10), into $S/asr_gcide_sinks_late,
 # baseline arms reused from the archive SINKS_REUSE where the command matches),
-# 2L (the x4 baseline alone for 4,000 steps, into $S/asr_gcide_long); CHAIN=1 runs
+# 2L (the x4 baseline alone for 4,000 steps, into $S/asr_gcide_long), 2u (the x4 baseline with Whisper unfrozen at
+# 1/20 of the learning rate, into $S/asr_gcide_unfrozen); CHAIN=1 runs
 # them one after another in one job (memory-heavy studies: 3 and 4 side by side ran out of memory). Every call ends by packing what exists, so a machine
 # taken back mid-run still returns each arm's CSV log and sink measurements of the calls before.
 # Long jobs start with setsid, so they outlive the call that started them while the machine stays held
@@ -119,6 +120,10 @@ case $phase in
         # 37.2 -> 34.9% at 499 / 749 / 999 in the tuning run): one arm, 4,000 steps, val every 500
         cmd="$asr --out $S/asr_gcide_long --seeds 0 --only x4_base_s0 --steps 4000 --val-every 500 \
           --override model.kernels=fast" ;;
+      2u)  # the x4 baseline with Whisper unfrozen at 1/20 of the adapters' learning rate (val only: can the
+        # pipeline reach 15% when the encoder adapts to flite's voices? Whisper's own decoder makes 18.4%)
+        cmd="$asr --out $S/asr_gcide_unfrozen --seeds 0 --only x4_base_s0 $asr_arms \
+          --override audio_encoder.frozen=false --override 'model.lr_scale={model.encoders.audio:0.05}'" ;;
       demo)  # `make demo`'s command on the GPU (its ${if_gpu:...} branch: 12,000 clips, 1,500 steps, the fast
         # LLM path): does it transcribe? CSV logs only: the GPU image has no wandb (the ninth session's first try
         # stopped there). A new folder: the ninth session's 3,000-clip run (memorised 81 built-in sentences:
