@@ -462,12 +462,14 @@ def long_tailed_examples(count: int, cap: int, vocab: int, seed: int = 0) -> lis
     return examples
 
 
-def packing_modes(args) -> list[tuple[str, str]]:
-    """(batch layout, attention) per row: padded rows with SDPA; packed rows with each of --pack-attn (sdpa
-    gets transformers' dense block-diagonal mask, flex_attention a block mask that skips the blocks across
-    documents). flex_attention has no backward on CPU, so the tiny CPU check packs with sdpa only."""
+def packing_modes(args, row_lengths: list[int | None]) -> list[tuple[str, str, int | None]]:
+    """(batch layout, attention, packed row length) per row: padded rows with SDPA; packed rows with each of
+    --pack-attn (sdpa gets transformers' dense block-diagonal mask, flex_attention a block mask that skips
+    the blocks across documents) at each packed row length (None: --pack-len). flex_attention has no
+    backward on CPU, so the tiny CPU check packs with sdpa only."""
     attns = ["sdpa"] if args.tiny else args.pack_attn.split(",")
-    return [("padded", "sdpa")] + [("packed", attn) for attn in attns]
+    packed = [("packed", attn, length) for length in row_lengths for attn in attns]
+    return [("padded", "sdpa", None), *packed]
 
 
 def packing(args) -> list[dict]:
@@ -486,31 +488,37 @@ def packing(args) -> list[dict]:
         from models.causal_lm import build_tiny_llama
 
         _, tokenizer = build_tiny_llama(special_tokens={"eos_token": "<|im_end|>"})
-    plan = [
-        ("long-tailed", per_step, long_tailed_examples(per_step * (args.warmup + args.steps + 2), cap, 49152))
-    ]
+    plan = [  # (data, examples per step, examples, packed row lengths)
+        ("long-tailed", per_step, long_tailed_examples(per_step * (args.warmup + args.steps + 2), cap, 49152),
+         [None])
+    ]  # fmt: skip
     if args.sft_file:  # short rows: also at more examples per step, where a 1B step stops being launch-bound
         sft = SFTDataset(args.sft_file, tokenizer, max_length=cap).examples
         sft_batches = [per_step] if args.tiny else [int(b) for b in str(args.sft_pack_batch).split(",")]
-        plan += [("sft demo", batch, sft) for batch in sft_batches]
+        # rows of a few short documents pay far less attention than rows of --pack-len (data.pack_length)
+        extra = ["128"] if args.tiny else str(args.sft_pack_len).split(",")
+        row_lengths = [None, *(int(n) for n in extra if n)]
+        plan += [("sft demo", batch, sft, row_lengths) for batch in sft_batches]
     rows = []
-    for name, per_step, examples in plan:
+    for name, per_step, examples, row_lengths in plan:
         lengths = [len(e["input_ids"]) for e in examples]
-        for mode, attn in packing_modes(args):
+        for mode, attn, row_length in packing_modes(args, row_lengths):
             collate = (
-                PackingCollator(tokenizer.pad_token_id, cap, pad_to_multiple_of=64)
+                PackingCollator(tokenizer.pad_token_id, cap, pad_to_multiple_of=64, row_length=row_length)
                 if mode == "packed"
                 else PadCollator(tokenizer.pad_token_id, pad_to_multiple_of=64)
             )
             reps = math.ceil(per_step * (args.warmup + args.steps + 2) / len(examples))
             loader = DataLoader((examples * reps), batch_size=per_step, shuffle=False, collate_fn=collate)
             label = f"{name} {per_step}/step {mode}" + ("" if attn == "sdpa" else f" {attn}")
+            label += "" if row_length is None else f" rows of {row_length}"
             row = recipe_row(label, "fast", "none", per_step, cap, args, data=loader, attn=attn)
             row.update(
                 data=name,
                 mode=mode,
                 attn=attn,
                 examples_per_step=per_step,
+                pack_row_length=(row_length or cap) if mode == "packed" else None,
                 mean_len=sum(lengths) / len(lengths),
                 max_len=max(lengths),
             )
@@ -635,7 +643,16 @@ def main(argv=None):
         help="attention implementations of the packed rows, comma-separated (padded rows: sdpa; --tiny: sdpa)",
     )
     parser.add_argument(
-        "--sft-pack-batch", default="32,256", help="examples per step of the SFT demo rows, comma-separated"
+        "--sft-pack-batch",
+        default="32,256",
+        help="examples per step of the SFT demo rows, comma-separated",
+    )
+    parser.add_argument(
+        "--sft-pack-len",
+        default="512",
+        help="extra packed row lengths for the SFT demo rows, comma-separated, beside --pack-len ('' for none; "
+        "--tiny: 128): its documents are about 100 tokens, so a row of 512 holds several and pays a quarter "
+        "of the attention of a row of 2048",
     )
     parser.add_argument("--avsr-batch", type=int, default=8, help="clips per AVSR step")
     parser.add_argument(

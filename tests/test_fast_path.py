@@ -303,14 +303,21 @@ def test_a_row_killed_by_a_signal_says_which(tmp_path, monkeypatch):
 
 def test_packing_rows_compare_flex_attention_on_the_gpu_only():
     """The packing section adds packed rows with flex attention (a block mask that skips the blocks across
-    documents) beside SDPA's dense mask; the tiny CPU check leaves them out (flex has no CPU backward)."""
+    documents) beside SDPA's dense mask, at each packed row length; the tiny CPU check leaves flex out (it
+    has no CPU backward)."""
     from types import SimpleNamespace
 
     from benchmarks.fast_path import packing_modes
 
     gpu = SimpleNamespace(tiny=False, pack_attn="sdpa,flex_attention")
-    assert packing_modes(gpu) == [("padded", "sdpa"), ("packed", "sdpa"), ("packed", "flex_attention")]
-    assert packing_modes(SimpleNamespace(tiny=True, pack_attn="sdpa,flex_attention")) == [
-        ("padded", "sdpa"),
-        ("packed", "sdpa"),
+    assert packing_modes(gpu, [None, 512]) == [
+        ("padded", "sdpa", None),
+        ("packed", "sdpa", None),
+        ("packed", "flex_attention", None),
+        ("packed", "sdpa", 512),
+        ("packed", "flex_attention", 512),
+    ]
+    assert packing_modes(SimpleNamespace(tiny=True, pack_attn="sdpa,flex_attention"), [None]) == [
+        ("padded", "sdpa", None),
+        ("packed", "sdpa", None),
     ]

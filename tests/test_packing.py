@@ -101,3 +101,24 @@ def test_datamodule_packs_training_batches_only(tiny_lm):
     val = next(iter(data.val_dataloader()))
     assert "position_ids" in train and train["input_ids"].shape[0] < 4  # 4 short examples, fewer rows
     assert "position_ids" not in val
+
+
+def test_short_rows_hold_a_few_documents_and_long_ones_get_a_row_of_their_own():
+    """data.pack_length: rows of a few short documents (less attention per token than rows of max_length);
+    a document longer than the row length, up to max_length, fills a row alone; beyond max_length: error."""
+    docs = [{"input_ids": list(range(3, 3 + n)), "labels": list(range(3, 3 + n))} for n in (5, 5, 5, 5, 12)]
+    batch = PackingCollator(0, max_length=16, row_length=10)(docs)
+    real = batch["attention_mask"].sum(1).tolist()
+    assert sorted(real) == [10, 10, 12] and batch["input_ids"].shape == (3, 12)
+    assert int(batch["attention_mask"].sum()) == 32  # every token kept
+    with pytest.raises(ValueError, match="exceeds data.max_length=16"):
+        PackingCollator(0, max_length=16, row_length=10)([{"input_ids": [1] * 17, "labels": [1] * 17}])
+    with pytest.raises(ValueError, match="pack_length must be in 1..data.max_length=16"):
+        PackingCollator(0, max_length=16, row_length=32)
+
+
+def test_the_datamodule_refuses_a_pack_length_beyond_max_length():
+    from data.text.datamodule import TextDataModule
+
+    with pytest.raises(ValueError, match="pack_length must be in 1..data.max_length=16"):
+        TextDataModule(train_file="unused.jsonl", max_length=16, packing=True, pack_length=32)

@@ -23,8 +23,9 @@ class TextDataModule(L.LightningDataModule):
     train_file: JSONL (format=sft) or plain text (format=lm).
     val_file: optional; otherwise `val_fraction` of the training rows is held out (seeded).
     prepare: optional callable run once before reading (e.g. the demo corpus builder).
-    packing: pack each training batch's examples into rows of `max_length` (data/text/packing.py:
-        position ids restart per document, no attention across documents); validation stays padded.
+    packing: pack each training batch's examples into rows of `pack_length` tokens (default `max_length`;
+        data/text/packing.py: position ids restart per document, no attention across documents); validation
+        stays padded. For short documents a short row (a few documents) saves attention: see packing.py.
     pad_to_multiple_of: round every batch's length up to a multiple of this (1: the longest row). With
         the compiled fast path a few fixed lengths mean a few compiled graphs (and CUDA graphs) instead
         of one per length.
@@ -50,6 +51,7 @@ class TextDataModule(L.LightningDataModule):
         seed: int = 0,
         prepare=None,
         packing: bool = False,
+        pack_length: int | None = None,
         pad_to_multiple_of: int = 1,
         full_blocks_only: bool = False,
         drop_last: bool = False,
@@ -61,7 +63,11 @@ class TextDataModule(L.LightningDataModule):
         self.max_length, self.batch_size = max_length, batch_size
         self.eval_batch_size = eval_batch_size or batch_size
         self.val_fraction, self.num_workers, self.strict, self.seed = val_fraction, num_workers, strict, seed
-        self.prepare, self.packing = prepare, packing
+        self.prepare, self.packing, self.pack_length = prepare, packing, pack_length
+        if pack_length is not None and not 1 <= pack_length <= max_length:
+            raise ValueError(
+                f"data.pack_length must be in 1..data.max_length={max_length}, got {pack_length}"
+            )
         if pad_to_multiple_of < 1:
             raise ValueError(f"data.pad_to_multiple_of must be >= 1, got {pad_to_multiple_of}")
         self.pad_to_multiple_of = pad_to_multiple_of
@@ -129,7 +135,7 @@ class TextDataModule(L.LightningDataModule):
         pad = self.tokenizer.pad_token_id
         multiple = self.pad_to_multiple_of
         if shuffle and self.packing:
-            collate = PackingCollator(pad, self.max_length, multiple)
+            collate = PackingCollator(pad, self.max_length, multiple, row_length=self.pack_length)
         else:
             collate = PadCollator(pad, multiple)
         return DataLoader(

@@ -6,8 +6,13 @@ then builds a block-diagonal causal mask, so no token attends across documents (
 no flash-attn package). The first token of every document gets label -100: it would be predicted from the
 previous document's last token; unpacked, position 0 is never a target either.
 
+Row length: documents are packed into rows of `row_length` tokens (default `max_length`). Without a
+variable-length attention kernel every packed row pays attention over its whole length, so for short
+documents a row of a few documents (e.g. 512 tokens for SFT rows of about 100) costs far less attention than
+one of 2048; a document longer than `row_length` (up to `max_length`) gets a row of its own.
+
 Output: input_ids / labels / position_ids / attention_mask [R,L] (R rows <= batch size, L = the longest
-packed row, at most `max_length`, rounded up to `pad_to_multiple_of`); attention_mask marks real tokens
+packed row, rounded up to `pad_to_multiple_of`); attention_mask marks real tokens
 (for token counts; models/packing.py keeps it away from the model); document_ids [R,L] (0.. per row,
 -1 on padding).
 """
@@ -19,13 +24,15 @@ import torch
 from data.text.sft import IGNORE_INDEX
 
 
-def first_fit_decreasing(lengths: list[int], capacity: int) -> list[list[int]]:
-    """Indices grouped into bins of total length <= capacity (longest first, each into the first bin it fits)."""
+def first_fit_decreasing(lengths: list[int], capacity: int, limit: int | None = None) -> list[list[int]]:
+    """Indices grouped into bins of total length <= capacity (longest first, each into the first bin it fits).
+    An item longer than `capacity` but at most `limit` (default: capacity) fills a bin of its own."""
+    limit = capacity if limit is None else limit
     bins: list[list[int]] = []
     room: list[int] = []
     for index in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
-        if lengths[index] > capacity:
-            raise ValueError(f"example of {lengths[index]} tokens exceeds data.max_length={capacity}")
+        if lengths[index] > limit:
+            raise ValueError(f"example of {lengths[index]} tokens exceeds data.max_length={limit}")
         for b, free in enumerate(room):
             if lengths[index] <= free:
                 bins[b].append(index)
@@ -38,12 +45,18 @@ def first_fit_decreasing(lengths: list[int], capacity: int) -> list[list[int]]:
 
 
 class PackingCollator:
-    def __init__(self, pad_token_id: int, max_length: int, pad_to_multiple_of: int = 1):
+    def __init__(
+        self, pad_token_id: int, max_length: int, pad_to_multiple_of: int = 1, row_length: int | None = None
+    ):
         self.pad_token_id, self.max_length = pad_token_id, max_length
+        self.row_length = max_length if row_length is None else row_length
+        if not 1 <= self.row_length <= max_length:
+            raise ValueError(f"data.pack_length must be in 1..data.max_length={max_length}, got {row_length}")
         self.multiple = max(1, pad_to_multiple_of)
 
     def __call__(self, examples: list[dict]) -> dict[str, torch.Tensor]:
-        bins = first_fit_decreasing([len(e["input_ids"]) for e in examples], self.max_length)
+        lengths = [len(e["input_ids"]) for e in examples]
+        bins = first_fit_decreasing(lengths, self.row_length, self.max_length)
         longest = max(sum(len(examples[i]["input_ids"]) for i in b) for b in bins)
         length = -(-longest // self.multiple) * self.multiple
         shape = (len(bins), length)
