@@ -296,9 +296,10 @@ def arm_row(study_dir: Path, spec: ArmSpec) -> dict | None:
     after, before = results.get("after", {}), results.get("before", {})
     folder = arm_dir(study_dir, arm)
     started = folder / "command.txt"
+    reused_from = restored_from(study_dir, spec.name)
     minutes = (  # an arm restored from an archive was not timed here: its files were copied
         ((folder / "results.json").stat().st_mtime - started.stat().st_mtime) / 60
-        if started.exists() and not restored_from(study_dir, spec.name)
+        if started.exists() and not reused_from
         else None
     )
     return {
@@ -308,6 +309,7 @@ def arm_row(study_dir: Path, spec: ArmSpec) -> dict | None:
         "objective": spec.objective,
         "weight": spec.weight,
         "seed": spec.seed,
+        "reused_from": reused_from,
         "val_wer_before": before.get("val/wer"),
         "val_wer": after.get("val/wer"),
         "test_wer": after.get("test/wer"),
@@ -609,8 +611,7 @@ def write_report(
             f"{_fmt(r['val_wer_before'], True)} | {_fmt(r['val_wer'], True)} | {_fmt(r['test_wer'], True)} | "
             f"{_fmt(r['val_loss'])} | {_fmt(r['test_loss'])} | {r['steps']} | {_fmt(r['minutes'], digits=1)} |"
         )
-    reused = {r["arm"]: restored_from(study_dir, r["arm"]) for r in rows}
-    reused = {arm: source for arm, source in reused.items() if source}
+    reused = {r["arm"]: r["reused_from"] for r in rows if r["reused_from"]}
     if reused:
         lines += ["", "Reused, not trained in this run (an earlier run of the same command, restored from its archive): "
                   + "; ".join(f"{arm} ({source})" for arm, source in reused.items()) + "."]  # fmt: skip

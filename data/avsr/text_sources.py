@@ -104,9 +104,16 @@ def under_root(text_root: str | Path, system_path: Path) -> Path:
 
 
 def _present_sources(text_root: Path) -> list[tuple[str, Path]]:
-    candidates = (("devil", DEVIL_DICT, Path.exists), ("fortunes", FORTUNES_DIR, Path.is_dir))
-    return [(name, under_root(text_root, path)) for name, path, present in candidates
-            if present(under_root(text_root, path))]  # fmt: skip
+    """(name, path under `text_root`) of the Debian text sources found there, Devil's Dictionary first."""
+    found = []
+    for name, system_path, present in (
+        ("devil", DEVIL_DICT, Path.exists),
+        ("fortunes", FORTUNES_DIR, Path.is_dir),
+    ):
+        path = under_root(text_root, system_path)
+        if present(path):
+            found.append((name, path))
+    return found
 
 
 def load_sentences(

@@ -10,7 +10,7 @@ from torch.utils.data import DataLoader, Subset
 
 from data.text.collate import PadCollator
 from data.text.datasets import SFTDataset, TextCorpusDataset
-from data.text.packing import PackingCollator
+from data.text.packing import PackingCollator, check_pack_length
 from data.text.sampler import EpochSeededSampler
 
 log = logging.getLogger(__name__)
@@ -64,10 +64,7 @@ class TextDataModule(L.LightningDataModule):
         self.eval_batch_size = eval_batch_size or batch_size
         self.val_fraction, self.num_workers, self.strict, self.seed = val_fraction, num_workers, strict, seed
         self.prepare, self.packing, self.pack_length = prepare, packing, pack_length
-        if pack_length is not None and not 1 <= pack_length <= max_length:
-            raise ValueError(
-                f"data.pack_length must be in 1..data.max_length={max_length}, got {pack_length}"
-            )
+        check_pack_length(pack_length, max_length)  # a bad value fails here, not when the loader is made
         if pad_to_multiple_of < 1:
             raise ValueError(f"data.pad_to_multiple_of must be >= 1, got {pad_to_multiple_of}")
         self.pad_to_multiple_of = pad_to_multiple_of

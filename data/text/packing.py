@@ -44,20 +44,26 @@ def first_fit_decreasing(lengths: list[int], capacity: int, limit: int | None = 
     return bins
 
 
+def check_pack_length(pack_length: int | None, max_length: int) -> int:
+    """The packed row length (`max_length` when None); outside 1..max_length is an error."""
+    row_length = max_length if pack_length is None else pack_length
+    if not 1 <= row_length <= max_length:
+        raise ValueError(f"data.pack_length must be in 1..data.max_length={max_length}, got {pack_length}")
+    return row_length
+
+
 class PackingCollator:
     def __init__(
         self, pad_token_id: int, max_length: int, pad_to_multiple_of: int = 1, row_length: int | None = None
     ):
         self.pad_token_id, self.max_length = pad_token_id, max_length
-        self.row_length = max_length if row_length is None else row_length
-        if not 1 <= self.row_length <= max_length:
-            raise ValueError(f"data.pack_length must be in 1..data.max_length={max_length}, got {row_length}")
+        self.row_length = check_pack_length(row_length, max_length)
         self.multiple = max(1, pad_to_multiple_of)
 
     def __call__(self, examples: list[dict]) -> dict[str, torch.Tensor]:
         lengths = [len(e["input_ids"]) for e in examples]
         bins = first_fit_decreasing(lengths, self.row_length, self.max_length)
-        longest = max(sum(len(examples[i]["input_ids"]) for i in b) for b in bins)
+        longest = max(sum(lengths[i] for i in b) for b in bins)
         length = -(-longest // self.multiple) * self.multiple
         shape = (len(bins), length)
         input_ids = torch.full(shape, self.pad_token_id, dtype=torch.long)

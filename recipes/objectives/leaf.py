@@ -86,15 +86,17 @@ class LeafDistillationObjective(Objective):
         self.teacher = teacher.to(self.teacher_dtype).eval()
         return []
 
-    def teacher_logits(self, batch: dict, device: torch.device) -> torch.Tensor:
+    def _teacher_on(self, device: torch.device) -> torch.nn.Module:
+        """The set-up teacher, moved to `device` on first use."""
         if self.teacher is None:
             raise RuntimeError("LeafDistillationObjective.setup(model, tokenizer) must run before loss")
         if next(self.teacher.parameters()).device != device:
             self.teacher.to(device)
+        return self.teacher
+
+    def teacher_logits(self, batch: dict, device: torch.device) -> torch.Tensor:
         with torch.no_grad():
-            return self.teacher(
-                input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False
-            ).logits
+            return self._teacher_on(device)(**_teacher_inputs(batch)).logits
 
     def loss(self, ctx: ObjectiveContext) -> torch.Tensor:
         labels = ctx.batch["labels"]
@@ -114,24 +116,22 @@ class LeafDistillationObjective(Objective):
 
     def _frozen_heads(self, ctx: ObjectiveContext) -> tuple[torch.Tensor, torch.Tensor] | None:
         """(student head [V,D], teacher head [V',D']) when both are frozen bias-free Linears, else None."""
-        if ctx.model is None or ctx.hidden_states is None or self.teacher is None:
+        if ctx.model is None or ctx.hidden_states is None:
             return None
+        teacher_model = self._teacher_on(ctx.hidden_states[-1].device)
         student = frozen_head_parts(ctx.model.get_output_embeddings())
-        teacher = self.teacher.get_output_embeddings()
+        teacher = teacher_model.get_output_embeddings()
         if student is None or student[1] is not None or not isinstance(teacher, torch.nn.Linear):
             return None
-        if teacher.bias is not None or self.teacher.get_decoder() is None:
+        if teacher.bias is not None or teacher_model.get_decoder() is None:
             return None
         return student[0], teacher.weight
 
     def _fused_loss(self, ctx, labels, student_head, teacher_head) -> torch.Tensor:
         hidden = ctx.hidden_states[-1]  # [B,T,D], after the final norm
-        if next(self.teacher.parameters()).device != hidden.device:
-            self.teacher.to(hidden.device)
         with torch.no_grad():
-            teacher_hidden = self.teacher.get_decoder()(
-                input_ids=ctx.batch["input_ids"], attention_mask=ctx.batch["attention_mask"], use_cache=False
-            ).last_hidden_state
+            decoder = self._teacher_on(hidden.device).get_decoder()
+            teacher_hidden = decoder(**_teacher_inputs(ctx.batch)).last_hidden_state
         counted = labels[:, 1:] != IGNORE_INDEX  # logits at t predict labels[t+1]
         return fused_linear_kl(
             hidden[:, :-1][counted],
@@ -141,3 +141,8 @@ class LeafDistillationObjective(Objective):
             self.temperature,
             self.chunk_tokens,
         )
+
+
+def _teacher_inputs(batch: dict) -> dict:
+    """What the teacher reads of a batch (both paths: the full model for logits, its decoder for states)."""
+    return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "use_cache": False}
