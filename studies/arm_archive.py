@@ -15,6 +15,7 @@ launch it with (the repository root and run folder aside); others are left to tr
 said. Each restored folder holds `restored_from.txt`, which the study's report names.
 
     python studies/arm_archive.py archive /tmp/unsink/asr_gcide docs/results_2026-11-29f/asr_gcide
+    python studies/arm_archive.py unpack docs/results_2026-11-29f/asr_gcide /tmp/two_seeds   # then --report-only
 """
 
 from __future__ import annotations
@@ -22,11 +23,15 @@ from __future__ import annotations
 import argparse
 import gzip
 import shutil
+import sys
 from pathlib import Path
 
-from studies.arms import Arm, arm_dir, arm_results
-
 REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:  # run as `python studies/arm_archive.py`, not only as a module
+    sys.path.insert(0, str(REPO))
+
+from studies.arms import Arm, arm_dir, arm_results  # noqa: E402
+
 # (file in the arm folder, suffix in the archive, gzipped there)
 ARM_FILES = (
     ("command.txt", "command.txt", False),
@@ -119,6 +124,21 @@ def _unpack(archive_dir: Path, folder: Path, name: str) -> None:
     (folder / RESTORED_MARKER).write_text(f"{archive_dir.resolve()}\n")
 
 
+def unpack_all(archive_dir: str | Path, study_dir: str | Path) -> list[str]:
+    """Every archived arm as an arm folder under `study_dir`, whatever its command: for a report over arms of
+    several sessions (`--report-only`). Arms already finished there are left alone. Returns the names."""
+    archive_dir, study_dir = Path(archive_dir), Path(study_dir)
+    if not archive_dir.is_dir():
+        raise FileNotFoundError(f"no archive folder {archive_dir}")
+    names = sorted(path.name[: -len(".results.json")] for path in archive_dir.glob("*.results.json"))
+    unpacked = []
+    for name in names:
+        if arm_results(study_dir, Arm(name)) is None:
+            _unpack(archive_dir, arm_dir(study_dir, Arm(name)), name)
+            unpacked.append(name)
+    return unpacked
+
+
 def restored_from(study_dir: str | Path, name: str) -> str | None:
     """The archive an arm folder was restored from, or None when the study trained it."""
     marker = Path(study_dir) / name / RESTORED_MARKER
@@ -129,12 +149,20 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("action", choices=["archive"])
-    parser.add_argument("study_dir")
-    parser.add_argument("out_dir")
+    actions = parser.add_subparsers(dest="action", required=True)
+    pack = actions.add_parser("archive", help="a study folder's finished arms -> an archive folder")
+    pack.add_argument("study_dir")
+    pack.add_argument("out_dir")
+    unpack = actions.add_parser("unpack", help="every arm of an archive -> arm folders (for --report-only)")
+    unpack.add_argument("archive_dir")
+    unpack.add_argument("study_dir")
     args = parser.parse_args(argv)
-    names = archive(args.study_dir, args.out_dir)
-    print(f"archived {len(names)} arms into {args.out_dir}: {', '.join(names)}")
+    if args.action == "archive":
+        names = archive(args.study_dir, args.out_dir)
+        print(f"archived {len(names)} arms into {args.out_dir}: {', '.join(names)}")
+    else:
+        names = unpack_all(args.archive_dir, args.study_dir)
+        print(f"unpacked {len(names)} arms into {args.study_dir}: {', '.join(names) or 'none'}")
 
 
 if __name__ == "__main__":

@@ -613,7 +613,7 @@ def write_report(
         )
     reused = {r["arm"]: r["reused_from"] for r in rows if r["reused_from"]}
     if reused:
-        lines += ["", "Reused, not trained in this run (an earlier run of the same command, restored from its archive): "
+        lines += ["", "Reused, not trained in this run (restored from an archive of earlier runs: `--reuse-arms-from` takes only arms of the same command; `arm_archive.py unpack` takes every arm, for a report across sessions): "
                   + "; ".join(f"{arm} ({source})" for arm, source in reused.items()) + "."]  # fmt: skip
     missing = [s.name for s in specs if s.name not in {r["arm"] for r in rows}]
     if missing:

@@ -97,3 +97,41 @@ def test_study_2_reuses_the_archived_seed_1_baselines_for_a_loss_variant(tmp_pat
     arms0 = [Arm(s.name, study.arm_overrides(s, other) + study.common_overrides(other))
              for s in study.arm_specs(other)]  # fmt: skip
     assert restore(other.reuse_arms_from, tmp_path / "s0", arms0) == ([], {})
+
+
+def test_the_archive_command_runs_as_a_script_from_any_folder(tmp_path):
+    """`python studies/arm_archive.py archive ...`, as docs/results.md says, outside the repository's path."""
+    import subprocess
+    import sys
+
+    _finished_arm(tmp_path / "run", "x32_base_s1", ["experiment=asr_study_baseline", "seed=1"])
+    done = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "studies" / "arm_archive.py"),
+            "archive",
+            str(tmp_path / "run"),
+            str(tmp_path / "a"),
+        ],
+        cwd=tmp_path,
+        env={"PATH": "/usr/bin:/bin"},
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 0, done.stderr
+    assert (tmp_path / "a" / "x32_base_s1.results.json").is_file()
+
+
+def test_unpack_takes_every_archived_arm_for_a_report_across_sessions(tmp_path):
+    _finished_arm(
+        tmp_path / "run", "x4_decorr_w10_s0", ["experiment=asr_study", "objective.decorr.tokens=sinks"]
+    )
+    _finished_arm(tmp_path / "run", "x4_base_s0", ["experiment=asr_study_baseline"])
+    archive(tmp_path / "run", tmp_path / "archive")
+    from studies.arm_archive import unpack_all
+
+    assert unpack_all(tmp_path / "archive", tmp_path / "report") == ["x4_base_s0", "x4_decorr_w10_s0"]
+    assert restored_from(tmp_path / "report", "x4_decorr_w10_s0") == str((tmp_path / "archive").resolve())
+    assert unpack_all(tmp_path / "archive", tmp_path / "report") == []  # finished there now: left alone
+    with pytest.raises(FileNotFoundError, match="no archive folder"):
+        unpack_all(tmp_path / "missing", tmp_path / "report")
