@@ -437,15 +437,28 @@ def lm1b(args) -> list[dict]:
         "chunked": lambda: recipe_row(  # the pure-torch loss (gradient in the forward pass, as Liger's)
             "recipe fast, chunked CE", "fast", "none", B, T, args, {"fused_cross_entropy": "chunked"}
         ),
-        "long": lambda: recipe_row("recipe fast", "fast", "none", long_b, long_t, args),
-        "long_adl": lambda: recipe_row("recipe fast + adl", "fast", "adl", long_b, long_t, args),
+        "chunked_eager": lambda: recipe_row(  # the same with its per-chunk softmax eager (ce_compile=false)
+            "recipe fast, chunked CE, eager softmax",
+            "fast",
+            "none",
+            B,
+            T,
+            args,
+            {"fused_cross_entropy": "chunked", "ce_compile": False},
+        ),
+        "long": lambda: recipe_row(
+            f"recipe fast, B={long_b} T={long_t}", "fast", "none", long_b, long_t, args
+        ),
+        "long_adl": lambda: recipe_row(
+            f"recipe fast + adl, B={long_b} T={long_t}", "fast", "adl", long_b, long_t, args
+        ),
         "long_adl_compiled": lambda: recipe_row(
-            "recipe fast + adl_compiled", "fast", "adl_compiled", long_b, long_t, args
+            f"recipe fast + adl_compiled, B={long_b} T={long_t}", "fast", "adl_compiled", long_b, long_t, args
         ),
     }
     for objective in ("decorr", "adl", "adl_compiled", "meap", "leaf", "leaf_logits"):
         plan[objective] = partial(recipe_row, f"recipe fast + {objective}", "fast", objective, B, T, args)
-    default = ["bare", "plain", "fast", "liger", "chunked", "decorr", "adl", "adl_compiled", "meap", "leaf", "leaf_logits", "long", "long_adl", "long_adl_compiled"]  # fmt: skip
+    default = ["bare", "plain", "fast", "liger", "chunked", "chunked_eager", "decorr", "adl", "adl_compiled", "meap", "leaf", "leaf_logits", "long", "long_adl", "long_adl_compiled"]  # fmt: skip
     names = args.rows.split(",") if args.rows else [n for n in default if not (args.tiny and n == "liger")]
     return [plan[name]() for name in names]
 

@@ -13,6 +13,10 @@ teacher or a reference model built in the same process keeps the plain code):
   in the forward pass, no recomputation) or `auto` (liger where it imports, CUDA is present, the model is
   at least 1024 wide and no embedding row trains through peft's trainable tokens, else chunked). Skipped
   when an objective reads the logits (LeaF): that objective gets full logits and pays for them.
+  `ce_compile` runs the chunked loss's per-chunk softmax and gradient compiled (models/fused_linear_ce.py:
+  eager torch spends about 46 bytes of memory traffic per logit there); null = on for models at least
+  LIGER_MIN_HIDDEN wide on CUDA (where the loss is memory-bound), off below (SmolLM2: launch-bound, measured
+  without it).
 - `compile: layers`: `torch.compile` on each decoder layer (regional compilation: one compiled graph reused
   by every layer, RMSNorm / RoPE / SwiGLU / LoRA fused by Inductor); `none` keeps eager.
   `compile_mode: reduce-overhead` adds CUDA graphs (one replay per layer instead of its kernel launches:
@@ -56,6 +60,7 @@ class FastPath:
     lora_dropout: float = 0.0
     fused_cross_entropy: str = "auto"
     ce_chunk_tokens: int = 4096
+    ce_compile: bool | None = None
     compile: str = "layers"
     compile_backend: str = "inductor"
     compile_mode: str | None = None
@@ -66,6 +71,8 @@ class FastPath:
             raise ValueError(f"model.fast.fused_cross_entropy must be one of {CE_MODES}")
         if self.compile not in COMPILE_MODES:
             raise ValueError(f"model.fast.compile must be one of {COMPILE_MODES}")
+        if self.ce_compile not in (None, True, False):
+            raise ValueError(f"model.fast.ce_compile must be null, true or false, got {self.ce_compile!r}")
         resolve_dtype(self.base_dtype)
 
 
@@ -133,7 +140,10 @@ def apply_before_lora(
     hidden_size = getattr(config, "hidden_size", None)
     mode = cross_entropy_mode(fast, needs_logits, trainable_tokens, model_type, hidden_size)
     if mode == "chunked":
-        install_chunked_loss(model, fast.ce_chunk_tokens)
+        compile_rows = fast.ce_compile
+        if compile_rows is None:
+            compile_rows = torch.cuda.is_available() and (hidden_size or 0) >= LIGER_MIN_HIDDEN
+        install_chunked_loss(model, fast.ce_chunk_tokens, compile_rows)
     elif mode == "liger":
         from liger_kernel.transformers.model.llama import lce_forward
 

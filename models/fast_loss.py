@@ -47,7 +47,11 @@ def frozen_head_parts(lm_head: torch.nn.Module):
 
 
 def chunked_lm_loss(
-    hidden: torch.Tensor, lm_head: torch.nn.Module, labels: torch.Tensor, chunk_tokens: int = 4096
+    hidden: torch.Tensor,
+    lm_head: torch.nn.Module,
+    labels: torch.Tensor,
+    chunk_tokens: int = 4096,
+    compile_rows: bool = False,
 ) -> torch.Tensor:
     """Mean next-token CE.
 
@@ -55,6 +59,7 @@ def chunked_lm_loss(
         hidden: [B,T,D] final hidden states (after the last norm).
         lm_head: maps [N,D] -> [N,V].
         labels: [B,T] token ids, -100 = no target; position t is predicted from position t-1.
+        compile_rows: on the fused path, run each chunk's softmax compiled (models/fused_linear_ce.py).
     Returns:
         scalar: sum of CE over targets / number of targets (0 when the batch has none; transformers
         returns nan there).
@@ -64,7 +69,7 @@ def chunked_lm_loss(
     parts = frozen_head_parts(lm_head) if torch.is_grad_enabled() else None
     if parts is not None:
         weight, rows, delta = parts
-        return fused_linear_cross_entropy(flat, weight, shifted, chunk_tokens, rows, delta)
+        return fused_linear_cross_entropy(flat, weight, shifted, chunk_tokens, rows, delta, compile_rows)
     total = hidden.new_zeros((), dtype=torch.float32)
     for start in range(0, flat.shape[0], chunk_tokens):
         h, y = flat[start : start + chunk_tokens], shifted[start : start + chunk_tokens]
@@ -89,15 +94,21 @@ def _forward_with_chunked_loss(
         )
     kw.pop("logits_to_keep", None)
     outputs = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, **kw)
-    loss = chunked_lm_loss(outputs.last_hidden_state, self.lm_head, labels, self._unsink_ce_chunk)
+    loss = chunked_lm_loss(
+        outputs.last_hidden_state, self.lm_head, labels, self._unsink_ce_chunk, self._unsink_ce_compile
+    )
     return CausalLMOutputWithPast(
         loss=loss, logits=None, hidden_states=outputs.hidden_states, attentions=outputs.attentions
     )
 
 
-def install_chunked_loss(model: torch.nn.Module, chunk_tokens: int = 4096) -> None:
-    """Make this causal-LM instance (with `.model` and `.lm_head`) compute its training loss in chunks."""
+def install_chunked_loss(
+    model: torch.nn.Module, chunk_tokens: int = 4096, compile_rows: bool = False
+) -> None:
+    """Make this causal-LM instance (with `.model` and `.lm_head`) compute its training loss in chunks
+    (`compile_rows`: each chunk's softmax compiled, see chunked_lm_loss)."""
     if not (hasattr(model, "model") and hasattr(model, "lm_head")):
         raise TypeError(f"{type(model).__name__} has no .model/.lm_head: cannot chunk its loss")
     model._unsink_ce_chunk = int(chunk_tokens)
+    model._unsink_ce_compile = bool(compile_rows)
     model.forward = types.MethodType(_forward_with_chunked_loss, model)

@@ -212,6 +212,24 @@ def test_cross_entropy_choice(monkeypatch):
     assert fastpath.cross_entropy_mode(settings, False, False, hidden_size=2048) == "liger"  # 1B
 
 
+def test_chunked_loss_compiles_its_softmax_where_asked(tiny_lm_factory, monkeypatch):
+    """ce_compile: null = on only for >= 1024-wide models on CUDA; true / false as set; anything else is an error."""
+    from models import fast as fastpath
+
+    for ce_compile, expected in ((None, False), (True, True), (False, False)):
+        llm, _ = build(tiny_lm_factory, "fast", fused_cross_entropy="chunked", ce_compile=ce_compile)
+        assert llm.get_base_model()._unsink_ce_compile is expected
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # auto on a GPU: by width
+    wide, narrow = torch.nn.Module(), torch.nn.Module()
+    for model, width in ((wide, 2048), (narrow, 576)):
+        model.model, model.lm_head = torch.nn.Identity(), torch.nn.Identity()
+        model.config = type("Config", (), {"model_type": "llama", "hidden_size": width})()
+        fastpath.apply_before_lora(model, FastPath(require_cuda=False, fused_cross_entropy="chunked"))
+    assert wide._unsink_ce_compile is True and narrow._unsink_ce_compile is False
+    with pytest.raises(ValueError, match="ce_compile must be null, true or false"):
+        FastPath(ce_compile="yes")
+
+
 def test_objective_that_reads_logits_gets_them(tiny_lm_factory):
     """LeaF reads the student logits: the fast path keeps them (and pays for them)."""
     from recipes.objectives.base import Objective

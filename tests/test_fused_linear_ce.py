@@ -54,6 +54,29 @@ def test_fused_loss_and_gradients_equal_full_logits(trainable_rows, chunk):
         torch.testing.assert_close(d_new.grad, 2.5 * d_ref.grad, rtol=1e-4, atol=1e-7)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_compiled_softmax_rows_give_the_eager_loss_and_gradients(dtype):
+    """`compile_rows=True` (torch.compile of the per-chunk softmax; CPU Inductor here): the eager values, with
+    chunks of two lengths (37 = 7 x 5 + 2: the remainder compiles once more), trainable rows and ignored labels."""
+    hidden, weight, labels, rows, delta = _problem(dtype)
+    results = []
+    for compile_rows in (False, True):
+        h = hidden.clone().requires_grad_(True)
+        d = delta.clone().requires_grad_(True)
+        loss = fused_linear_cross_entropy(h, weight, labels, 5, rows, d, compile_rows=compile_rows)
+        loss.backward()
+        results.append((loss, h.grad, d.grad))
+    (eager_loss, eager_h, eager_d), (loss, grad_h, grad_d) = results
+    from models import fused_linear_ce
+
+    assert fused_linear_ce._compiled_softmax_rows is not None  # the compiled function was built and used
+    assert grad_h.dtype == dtype and grad_h.abs().sum() > 0
+    tol = {"rtol": 1e-5, "atol": 1e-6} if dtype == torch.float32 else {"rtol": 2e-2, "atol": 2e-3}
+    torch.testing.assert_close(loss, eager_loss, **tol)
+    torch.testing.assert_close(grad_h, eager_h, **tol)
+    torch.testing.assert_close(grad_d, eager_d, **tol)
+
+
 def test_fused_loss_in_bf16_within_rounding():
     hidden, weight, labels, rows, delta = _problem(torch.bfloat16)
     h_ref = hidden.float().requires_grad_(True)
