@@ -456,9 +456,9 @@ def lm1b(args) -> list[dict]:
             f"recipe fast + adl_compiled, B={long_b} T={long_t}", "fast", "adl_compiled", long_b, long_t, args
         ),
     }
-    for objective in ("decorr", "adl", "adl_compiled", "meap", "leaf", "leaf_logits"):
+    for objective in ("decorr", "decorr_compiled", "adl", "adl_compiled", "meap", "leaf", "leaf_logits"):
         plan[objective] = partial(recipe_row, f"recipe fast + {objective}", "fast", objective, B, T, args)
-    default = ["bare", "plain", "fast", "liger", "chunked", "chunked_eager", "decorr", "adl", "adl_compiled", "meap", "leaf", "leaf_logits", "long", "long_adl", "long_adl_compiled"]  # fmt: skip
+    default = ["bare", "plain", "fast", "liger", "chunked", "chunked_eager", "decorr", "decorr_compiled", "adl", "adl_compiled", "meap", "leaf", "leaf_logits", "long", "long_adl", "long_adl_compiled"]  # fmt: skip
     names = args.rows.split(",") if args.rows else [n for n in default if not (args.tiny and n == "liger")]
     return [plan[name]() for name in names]
 

@@ -60,8 +60,12 @@ TINY = dict(
 def build_objectives(name: str) -> dict:
     if name == "none":
         return {}
-    if name == "decorr":
-        return {"decorr": BosDecorrelationObjective(weight=1.0e4, tokens="input_side")}
+    if name in ("decorr", "decorr_compiled"):  # decorr_compiled: the loss fused by torch.compile
+        return {
+            "decorr": BosDecorrelationObjective(
+                weight=1.0e4, tokens="input_side", compile=name == "decorr_compiled"
+            )
+        }
     if name in ("adl", "adl_compiled"):  # adl_compiled: the recomputed rows fused by torch.compile
         return {"adl": AttentionDiversityObjective(weight=1.0, num_rows=64, compile=name == "adl_compiled")}
     if name == "meap":

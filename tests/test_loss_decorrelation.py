@@ -114,3 +114,26 @@ def test_fp16_massive_bos_does_not_overflow():
     loss = bos_decorrelation_loss(half, torch.ones(b, t, dtype=torch.bool))
     loss.backward()
     assert torch.isfinite(loss) and torch.isfinite(half[1].grad).all()
+
+
+def test_compiled_loss_equals_eager_loss_and_gradients_at_two_lengths():
+    """objective.decorr.compile: torch.compile (CPU Inductor here, dynamic shapes) gives the eager loss and
+    gradients, with padding and a margin, for two batch shapes (the second reuses the dynamic graph)."""
+    from losses.decorrelation import compiled_bos_decorrelation_loss
+
+    for length, seed in ((7, 0), (11, 1)):
+        states = random_states(length=length, seed=seed)
+        mask = torch.ones(3, length, dtype=torch.bool)
+        mask[1, length - 3 :] = False  # padding
+        results = []
+        for loss_fn in (bos_decorrelation_loss, compiled_bos_decorrelation_loss()):
+            leaves = tuple(h.clone().requires_grad_(True) for h in states)
+            loss = loss_fn(leaves, mask, [1, 2, 3], 0.05)
+            loss.backward()
+            results.append((loss.detach(), [h.grad for h in leaves[1:4]]))
+        (eager, eager_grads), (compiled, compiled_grads) = results
+        torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-7)
+        assert float(eager) > 0
+        for got, want in zip(compiled_grads, eager_grads):
+            assert want.abs().sum() > 0
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)

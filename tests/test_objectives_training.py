@@ -338,3 +338,23 @@ def test_decorr_counts_later_empty_batches_without_reading_them_each_step(caplog
                 assert "selected no position" not in caplog.text
     assert objective.empty_batches == 2
     assert caplog.text.count("selected no position in 2 batch(es)") == 1
+
+
+def test_decorr_compile_uses_the_compiled_loss_with_the_same_value(monkeypatch):
+    from recipes.objectives import decorr
+
+    labels = torch.arange(12).reshape(2, 6)
+    ctx = _decorr_context(labels)
+    eager = BosDecorrelationObjective(tokens="non_pad").loss(ctx)
+    calls = []
+
+    def compiled():
+        def loss_fn(*args):
+            calls.append(len(args))
+            return decorr.bos_decorrelation_loss(*args)
+
+        return loss_fn
+
+    monkeypatch.setattr(decorr, "compiled_bos_decorrelation_loss", compiled)
+    torch.testing.assert_close(BosDecorrelationObjective(tokens="non_pad", compile=True).loss(ctx), eager)
+    assert calls == [4]
