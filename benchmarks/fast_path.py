@@ -274,13 +274,21 @@ def random_llama(
 
 def build_objectives(name: str, backbone) -> dict:
     """objective_throughput.py's objectives (the same settings), plus LeaF, which needs the teacher: `leaf`
-    with its fused KL from hidden states, `leaf_logits` with both models' full logits (the eighth session's
-    row, 70.5 GiB at 1B)."""
-    if name in ("leaf", "leaf_logits"):  # teacher: the full-depth model; student: every other layer
+    with its fused KL from hidden states (`leaf_compiled`: its per-chunk softmaxes compiled), `leaf_logits`
+    with both models' full logits (the eighth session's row, 70.5 GiB at 1B)."""
+    if name in (
+        "leaf",
+        "leaf_compiled",
+        "leaf_logits",
+    ):  # teacher: the full-depth model; student: every other layer
         from recipes.objectives.leaf import LeafDistillationObjective
 
-        fused = name == "leaf"
-        return {"leaf": LeafDistillationObjective(teacher=backbone, temperature=1.0, fused=fused)}
+        fused, compiled = name != "leaf_logits", name == "leaf_compiled"
+        return {
+            "leaf": LeafDistillationObjective(
+                teacher=backbone, temperature=1.0, fused=fused, compile=compiled
+            )
+        }
     from benchmarks import objective_throughput as ot
 
     return ot.build_objectives(name)
@@ -456,9 +464,18 @@ def lm1b(args) -> list[dict]:
             f"recipe fast + adl_compiled, B={long_b} T={long_t}", "fast", "adl_compiled", long_b, long_t, args
         ),
     }
-    for objective in ("decorr", "decorr_compiled", "adl", "adl_compiled", "meap", "leaf", "leaf_logits"):
+    for objective in (
+        "decorr",
+        "decorr_compiled",
+        "adl",
+        "adl_compiled",
+        "meap",
+        "leaf",
+        "leaf_compiled",
+        "leaf_logits",
+    ):
         plan[objective] = partial(recipe_row, f"recipe fast + {objective}", "fast", objective, B, T, args)
-    default = ["bare", "plain", "fast", "liger", "chunked", "chunked_eager", "decorr", "decorr_compiled", "adl", "adl_compiled", "meap", "leaf", "leaf_logits", "long", "long_adl", "long_adl_compiled"]  # fmt: skip
+    default = ["bare", "plain", "fast", "liger", "chunked", "chunked_eager", "decorr", "decorr_compiled", "adl", "adl_compiled", "meap", "leaf", "leaf_compiled", "leaf_logits", "long", "long_adl", "long_adl_compiled"]  # fmt: skip
     names = args.rows.split(",") if args.rows else [n for n in default if not (args.tiny and n == "liger")]
     return [plan[name]() for name in names]
 

@@ -9,11 +9,48 @@ only scales what was stored.
 
     s = h_s @ W_s^T / T,  t = (h_t @ W_t^T)[:, :V] / T,  loss = T^2 * sum_rows KL(softmax(t) || softmax(s))
     d loss / d h_s = T * (softmax(s) - softmax(t)) @ W_s          (the teacher gets no gradient)
+
+`compile_rows=True` runs each chunk's two softmaxes, the KL and its gradient (`kl_rows`) as one
+torch.compile'd function instead of eager passes over fp32 copies of both [chunk, V] blocks.
 """
 
 from __future__ import annotations
 
 import torch
+
+
+def kl_rows(
+    student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float, need_grad: bool
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One chunk's summed T^2 KL(p_teacher || p_student) and its gradient w.r.t. the student's logits.
+
+    Args:
+        student_logits: [c,V] (compute dtype); teacher_logits: [c,V] (already cut to V).
+        temperature: T > 0. need_grad: also return the gradient.
+    Returns:
+        (sum over rows [] in fp32, fp64 for fp64 logits; T * (p_student - p_teacher) [c,V] in the student
+        logits' dtype, or None).
+    """
+    acc = torch.promote_types(student_logits.dtype, torch.float32)
+    log_p_student = torch.log_softmax(student_logits.to(acc) / temperature, dim=-1)
+    log_p_teacher = torch.log_softmax(teacher_logits.to(acc) / temperature, dim=-1)
+    p_teacher = log_p_teacher.exp()
+    total = (p_teacher * (log_p_teacher - log_p_student)).sum() * temperature**2
+    if not need_grad:
+        return total, None
+    grad = log_p_student.exp_().sub_(p_teacher).mul_(temperature)  # d/ds of T^2 KL, s the undivided logits
+    return total, grad.to(student_logits.dtype)
+
+
+_compiled_kl_rows = None
+
+
+def compiled_kl_rows():
+    """`kl_rows` under torch.compile, built once per process."""
+    global _compiled_kl_rows
+    if _compiled_kl_rows is None:
+        _compiled_kl_rows = torch.compile(kl_rows, fullgraph=True)
+    return _compiled_kl_rows
 
 
 class FusedLinearKL(torch.autograd.Function):
@@ -26,12 +63,15 @@ class FusedLinearKL(torch.autograd.Function):
         teacher_weight: [V',D'] frozen teacher head, V' >= V (cut to the first V logits).
         temperature: T > 0.
         chunk_tokens: rows whose logits are alive at once (two [chunk, V] fp32 blocks).
+        compile_rows: run `kl_rows` compiled.
     Returns:
         scalar (fp32, fp64 for fp64 heads): the sum over rows (the caller normalises).
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, teacher_hidden, teacher_weight, temperature, chunk_tokens):
+    def forward(
+        ctx, hidden, weight, teacher_hidden, teacher_weight, temperature, chunk_tokens, compile_rows=False
+    ):
         dtype, vocab = weight.dtype, weight.shape[0]
         acc = torch.promote_types(dtype, torch.float32)  # softmaxes in fp32 (fp64 heads stay fp64)
         need_h = ctx.needs_input_grad[0]
@@ -39,15 +79,14 @@ class FusedLinearKL(torch.autograd.Function):
         t_all = teacher_hidden.to(teacher_weight.dtype)
         grad_hidden = torch.empty_like(h_all) if need_h else None
         total = torch.zeros((), dtype=acc, device=hidden.device)
+        eager = not compile_rows or torch.compiler.is_compiling()
+        rows_fn = kl_rows if eager else compiled_kl_rows()
         for start in range(0, h_all.shape[0], chunk_tokens):
             h = h_all[start : start + chunk_tokens]
-            log_p_student = torch.log_softmax((h @ weight.t()).to(acc) / temperature, dim=-1)  # [c,V]
             teacher_logits = (t_all[start : start + chunk_tokens] @ teacher_weight.t())[:, :vocab]
-            log_p_teacher = torch.log_softmax(teacher_logits.to(acc) / temperature, dim=-1)
-            p_teacher = log_p_teacher.exp()
-            total = total + (p_teacher * (log_p_teacher - log_p_student)).sum() * temperature**2
-            if need_h:  # d/ds of T^2 KL, with s the undivided logits: T * (p_student - p_teacher)
-                grad_logits = log_p_student.exp_().sub_(p_teacher).mul_(temperature).to(dtype)
+            chunk_total, grad_logits = rows_fn(h @ weight.t(), teacher_logits, temperature, need_h)
+            total = total + chunk_total
+            if need_h:
                 grad_hidden[start : start + chunk_tokens] = grad_logits @ weight
         ctx.save_for_backward(grad_hidden)
         ctx.hidden_dtype = hidden.dtype
@@ -57,7 +96,7 @@ class FusedLinearKL(torch.autograd.Function):
     def backward(ctx, grad_out):
         (grad_hidden,) = ctx.saved_tensors
         d_hidden = None if grad_hidden is None else (grad_hidden * grad_out).to(ctx.hidden_dtype)
-        return d_hidden, None, None, None, None, None
+        return d_hidden, None, None, None, None, None, None
 
 
 def fused_linear_kl(
@@ -67,6 +106,7 @@ def fused_linear_kl(
     teacher_weight: torch.Tensor,
     temperature: float = 1.0,
     chunk_tokens: int = 2048,
+    compile_rows: bool = False,
 ) -> torch.Tensor:
     """hidden [N,D], weight [V,D], teacher_hidden [N,D'], teacher_weight [V',D'] -> summed T^2 KL."""
     if weight.requires_grad or teacher_weight.requires_grad:
@@ -80,5 +120,11 @@ def fused_linear_kl(
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
     return FusedLinearKL.apply(
-        hidden, weight, teacher_hidden, teacher_weight, float(temperature), int(chunk_tokens)
+        hidden,
+        weight,
+        teacher_hidden,
+        teacher_weight,
+        float(temperature),
+        int(chunk_tokens),
+        bool(compile_rows),
     )

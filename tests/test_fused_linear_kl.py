@@ -40,6 +40,30 @@ def test_equals_the_full_logits_kl_and_its_gradient(temperature):
     assert grad_fused[:, -1].abs().sum() == 0  # the last position never counts
 
 
+def test_compiled_rows_give_the_eager_kl_and_gradient():
+    """compile_rows=True (objective.leaf.compile; CPU Inductor here): the eager values, chunks of two lengths."""
+    torch.manual_seed(1)
+    n, d, v = 11, 16, 50
+    hidden = torch.randn(n, d)
+    teacher_hidden, weight, teacher_weight = (
+        torch.randn(n, 24),
+        torch.randn(v, d) / 4,
+        torch.randn(56, 24) / 5,
+    )
+    results = []
+    for compile_rows in (False, True):
+        h = hidden.clone().requires_grad_(True)
+        loss = fused_linear_kl(h, weight, teacher_hidden, teacher_weight, 2.0, 4, compile_rows=compile_rows)
+        (grad,) = torch.autograd.grad(loss, h)
+        results.append((loss, grad))
+    (eager, eager_grad), (compiled, compiled_grad) = results
+    from models import fused_linear_kl as module
+
+    assert module._compiled_kl_rows is not None and float(eager.detach()) > 0
+    torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(compiled_grad, eager_grad, rtol=1e-4, atol=1e-6)
+
+
 def test_refuses_trainable_heads_and_a_smaller_teacher_vocabulary():
     h, w = torch.randn(3, 4), torch.randn(10, 4)
     with pytest.raises(ValueError, match="frozen"):
@@ -48,14 +72,14 @@ def test_refuses_trainable_heads_and_a_smaller_teacher_vocabulary():
         fused_linear_kl(h, torch.randn(10, 4), h, torch.randn(8, 4))
 
 
-def _student_context(objective_fused: bool):
+def _student_context(objective_fused: bool, compile: bool = False):
     """A 2-of-3-layer student (frozen head) beside its 3-layer teacher; one forward as the recipe does it."""
     torch.manual_seed(0)
     student, tokenizer = build_layer_subset(backbone=TINY, layers=[0, 2])
     student.get_output_embeddings().weight.requires_grad_(False)
     torch.manual_seed(0)
     leaf = LeafDistillationObjective(teacher=TINY, teacher_dtype="fp32", temperature=2.0, fused=objective_fused,
-                                     chunk_tokens=16)  # fmt: skip
+                                     chunk_tokens=16, compile=compile)  # fmt: skip
     leaf.setup(student, tokenizer)
     batch = sft_batch(tokenizer)
     outputs = student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
@@ -66,12 +90,14 @@ def _student_context(objective_fused: bool):
     return student, leaf, ctx
 
 
-def test_leaf_fused_path_gives_the_reference_loss_and_gradients():
-    """The objective's fused path (hidden states, no logits read) against its full-logits path, on the same
-    student and teacher: the same summed KL and the same gradient on every trainable student weight."""
+@pytest.mark.parametrize("compile", [False, True])
+def test_leaf_fused_path_gives_the_reference_loss_and_gradients(compile):
+    """The objective's fused path (hidden states, no logits read; its rows compiled or not) against its
+    full-logits path, on the same student and teacher: the same summed KL and the same gradient on every
+    trainable student weight."""
     results = {}
     for fused in (False, True):
-        student, leaf, ctx = _student_context(fused)
+        student, leaf, ctx = _student_context(fused, compile and fused)
         assert leaf.needs_logits is not fused and leaf.needs_hidden_states is fused
         if fused:
             ctx.logits = None  # the fast path makes none: the fused path must not need them

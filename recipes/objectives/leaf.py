@@ -51,6 +51,8 @@ class LeafDistillationObjective(Objective):
         weight: 1.0; with `model.ce_weight: 0` (lm_leaf) distillation is the whole loss, as in the reference.
         fused: KL from hidden states without [B,T,V] logits (see the module docstring); chunk_tokens: the
             positions whose two logit blocks are alive at once.
+        compile: (fused) each chunk's softmaxes and KL gradient through torch.compile
+            (models/fused_linear_kl.py: kl_rows); off by default: it compiles on first use.
     """
 
     name = "leaf"
@@ -66,9 +68,10 @@ class LeafDistillationObjective(Objective):
         start_step: int = 0,
         fused: bool = True,
         chunk_tokens: int = 2048,
+        compile: bool = False,
     ):
         super().__init__(weight, warmup_steps, start_step)
-        self.fused, self.chunk_tokens = bool(fused), int(chunk_tokens)
+        self.fused, self.chunk_tokens, self.compile = bool(fused), int(chunk_tokens), bool(compile)
         self.needs_logits, self.needs_hidden_states = not self.fused, self.fused
         if temperature <= 0:
             raise ValueError(f"leaf.temperature must be > 0, got {temperature}")
@@ -140,6 +143,7 @@ class LeafDistillationObjective(Objective):
             teacher_head,
             self.temperature,
             self.chunk_tokens,
+            self.compile,
         )
 
 
