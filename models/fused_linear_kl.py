@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import torch
 
+from models.fused_linear_ce import eager_on_failure
+
 
 def kl_rows(
     student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float, need_grad: bool
@@ -48,8 +50,8 @@ _compiled_kl_rows = None
 def compiled_kl_rows():
     """`kl_rows` under torch.compile, built once per process."""
     global _compiled_kl_rows
-    if _compiled_kl_rows is None:
-        _compiled_kl_rows = torch.compile(kl_rows, fullgraph=True)
+    if _compiled_kl_rows is None:  # falls back to eager if compiling fails (models/fused_linear_ce.py)
+        _compiled_kl_rows = eager_on_failure(torch.compile(kl_rows, fullgraph=True), kl_rows)
     return _compiled_kl_rows
 
 
