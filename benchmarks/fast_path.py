@@ -276,11 +276,8 @@ def build_objectives(name: str, backbone) -> dict:
     """objective_throughput.py's objectives (the same settings), plus LeaF, which needs the teacher: `leaf`
     with its fused KL from hidden states (`leaf_compiled`: its per-chunk softmaxes compiled), `leaf_logits`
     with both models' full logits (the eighth session's row, 70.5 GiB at 1B)."""
-    if name in (
-        "leaf",
-        "leaf_compiled",
-        "leaf_logits",
-    ):  # teacher: the full-depth model; student: every other layer
+    if name in ("leaf", "leaf_compiled", "leaf_logits"):
+        # teacher: the full-depth model; student: every other layer (as lm_leaf)
         from recipes.objectives.leaf import LeafDistillationObjective
 
         fused, compiled = name != "leaf_logits", name == "leaf_compiled"

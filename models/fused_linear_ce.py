@@ -31,8 +31,12 @@ log = logging.getLogger(__name__)
 
 
 def softmax_rows(
-    logits: torch.Tensor, target: torch.Tensor, valid: torch.Tensor, inv_count: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    valid: torch.Tensor,
+    inv_count: torch.Tensor,
+    need_grad: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """One chunk's CE and its gradient w.r.t. the logits.
 
     Args:
@@ -40,13 +44,17 @@ def softmax_rows(
         target: [c] long, in [0, V) (ignored rows clamped to 0).
         valid: [c] bool, the rows that count.
         inv_count: [] fp32, 1 / number of targets of the whole batch.
+        need_grad: also return the gradient.
     Returns:
-        (summed CE over the valid rows [] fp32, (softmax - onehot) * valid * inv_count [c,V] in logits' dtype).
+        (summed CE over the valid rows [] fp32, (softmax - onehot) * valid * inv_count [c,V] in logits' dtype,
+        or None without need_grad).
     """
     x = logits.float()  # the logits themselves when they are fp32: overwritten
     lse = torch.logsumexp(x, dim=-1)  # [c]
     picked = x.gather(1, target.unsqueeze(1)).squeeze(1)
     loss = torch.where(valid, lse - picked, 0.0).sum()
+    if not need_grad:
+        return loss, None
     probs = x.sub_(lse.unsqueeze(1)).exp_()  # softmax in place (eager: one fp32 [c,V] block alive)
     probs.scatter_add_(1, target.unsqueeze(1), -torch.ones_like(picked).unsqueeze(1))
     probs.mul_((valid.to(torch.float32) * inv_count).unsqueeze(1))
@@ -128,15 +136,11 @@ class FusedLinearCrossEntropy(torch.autograd.Function):
             logits = h @ weight.t()  # [c,V]
             if correction is not None:
                 logits.index_add_(1, rows, h @ correction.t())
-            target = y.clamp_min(0)
-            if not (need_h or need_delta):
-                x = logits.float()
-                picked = x.gather(1, target.unsqueeze(1)).squeeze(1)
-                total = total + torch.where(valid, torch.logsumexp(x, dim=-1) - picked, 0.0).sum()
-                continue
-            chunk_loss, grad_logits = rows_fn(logits, target, valid, inv_count)
+            chunk_loss, grad_logits = rows_fn(logits, y.clamp_min(0), valid, inv_count, need_h or need_delta)
             total = total + chunk_loss
             del logits
+            if grad_logits is None:
+                continue
             if need_h:
                 grad_h = grad_logits @ weight
                 if correction is not None:

@@ -181,3 +181,11 @@ def test_a_compile_failure_falls_back_to_eager_once_and_says_why(caplog):
         torch.testing.assert_close(got[1], expected[1])
     assert attempts == [1]  # not retried
     assert "softmax_rows failed (RuntimeError: triton: no CUDA toolkit)" in caplog.text
+
+
+@pytest.mark.parametrize("compile_rows", [False, True])
+def test_loss_without_gradients_equals_full_logits(compile_rows):
+    """Inputs that need no gradient take the loss-only pass (no [c,V] gradient made), eager or compiled."""
+    hidden, weight, labels, _, _ = _problem()
+    loss = fused_linear_cross_entropy(hidden, weight, labels, 5, compile_rows=compile_rows)
+    torch.testing.assert_close(loss, _reference(hidden, weight, labels), rtol=1e-5, atol=1e-6)
