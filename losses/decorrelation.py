@@ -70,16 +70,3 @@ def bos_decorrelation_loss(
     selected = mask.sum()
     total = (penalty * mask.to(penalty.dtype)).sum()
     return total / (selected.clamp_min(1) * penalty.shape[0])
-
-
-_compiled_loss = None
-
-
-def compiled_bos_decorrelation_loss():
-    """`bos_decorrelation_loss` under torch.compile (dynamic shapes: one graph for every batch and length),
-    built once per process. Inductor fuses each layer's dot product with BOS, its norm and the masked cos^2
-    into a few kernels, forward and backward, instead of about twenty small ones per layer."""
-    global _compiled_loss
-    if _compiled_loss is None:
-        _compiled_loss = torch.compile(bos_decorrelation_loss, dynamic=True)
-    return _compiled_loss

@@ -25,6 +25,8 @@ from transformers import AttentionInterface
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
+from models.compiled import compile_once
+
 CAPTURE_PREFIX = "unsink_capture|"
 _STORE_ATTR = "_unsink_qk_store"
 # set by models/attention_edit.py on edited layers: recomputed rows get the same probability edit
@@ -227,9 +229,6 @@ def _head_mean_probs(
     return _row_probs(query_rows, key, scaling, mask).mean(dim=1, keepdim=True)
 
 
-_compiled_head_mean_probs = None
-
-
 def sampled_head_mean_probs(
     captured: CapturedQueryKey,
     query_positions: torch.Tensor,
@@ -251,12 +250,7 @@ def sampled_head_mean_probs(
         )
     rows = captured.query.index_select(2, query_positions)
     mask = _row_mask(query_positions, captured.key.shape[2], key_padding_mask, causal)
-    function = _head_mean_probs
-    if compiled:
-        global _compiled_head_mean_probs
-        if _compiled_head_mean_probs is None:
-            _compiled_head_mean_probs = torch.compile(_head_mean_probs, dynamic=True)
-        function = _compiled_head_mean_probs
+    function = compile_once(_head_mean_probs, dynamic=True) if compiled else _head_mean_probs
     return function(rows, captured.key, captured.scaling, mask)
 
 

@@ -43,6 +43,7 @@ from dataclasses import dataclass, fields
 import torch
 
 from models.causal_lm import resolve_dtype
+from models.compiled import compile_by_default
 from models.fast_loss import install_chunked_loss
 
 log = logging.getLogger(__name__)
@@ -140,9 +141,8 @@ def apply_before_lora(
     hidden_size = getattr(config, "hidden_size", None)
     mode = cross_entropy_mode(fast, needs_logits, trainable_tokens, model_type, hidden_size)
     if mode == "chunked":
-        compile_rows = fast.ce_compile
-        if compile_rows is None:
-            compile_rows = torch.cuda.is_available() and (hidden_size or 0) >= LIGER_MIN_HIDDEN
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        compile_rows = compile_by_default(fast.ce_compile, device, hidden_size or 0)
         install_chunked_loss(model, fast.ce_chunk_tokens, compile_rows)
     elif mode == "liger":
         from liger_kernel.transformers.model.llama import lce_forward

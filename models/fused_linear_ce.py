@@ -21,13 +21,10 @@ written once. Same values as eager (tests/test_fused_linear_ce.py).
 
 from __future__ import annotations
 
-import logging
-
 import torch
 
+from models.compiled import compile_once
 from models.segments import IGNORE_INDEX
-
-log = logging.getLogger(__name__)
 
 
 def softmax_rows(
@@ -61,42 +58,6 @@ def softmax_rows(
     return loss, probs.to(logits.dtype)
 
 
-_compiled_softmax_rows = None
-
-
-def compiled_softmax_rows():
-    """`softmax_rows` under torch.compile, built once per process (a new chunk length compiles once more,
-    then dynamo makes the length dynamic). If compiling fails (a backend this machine lacks), the error is
-    logged once and the eager function is used from then on: slower, the same values, the run goes on."""
-    global _compiled_softmax_rows
-    if _compiled_softmax_rows is None:
-        _compiled_softmax_rows = eager_on_failure(torch.compile(softmax_rows, fullgraph=True), softmax_rows)
-    return _compiled_softmax_rows
-
-
-def eager_on_failure(compiled, eager):
-    """`compiled`, falling back to `eager` for good after its first exception (logged with the cause). The
-    functions here compile on their first call, before they touch their inputs."""
-    state = {"failed": False}
-
-    def run(*args):
-        if not state["failed"]:
-            try:
-                return compiled(*args)
-            except Exception as error:  # noqa: BLE001  (Inductor/Triton errors have no common base class)
-                state["failed"] = True
-                log.warning(
-                    "torch.compile of %s failed (%s: %s); running it eagerly from now on (same values, "
-                    "more memory traffic; set the option that compiles it to false to skip the attempt)",
-                    eager.__name__,
-                    type(error).__name__,
-                    str(error).splitlines()[0][:300] if str(error) else "",
-                )
-        return eager(*args)
-
-    return run
-
-
 class FusedLinearCrossEntropy(torch.autograd.Function):
     """Mean CE of `h @ W_eff^T` against `labels`; see the module docstring.
 
@@ -128,7 +89,7 @@ class FusedLinearCrossEntropy(torch.autograd.Function):
         )
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         eager = not compile_rows or torch.compiler.is_compiling()  # inside a compiled region: traced anyway
-        rows_fn = softmax_rows if eager else compiled_softmax_rows()
+        rows_fn = softmax_rows if eager else compile_once(softmax_rows, fullgraph=True)
         for start in range(0, h_all.shape[0], chunk_tokens):
             h = h_all[start : start + chunk_tokens]
             y = labels[start : start + chunk_tokens]

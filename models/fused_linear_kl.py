@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import torch
 
-from models.fused_linear_ce import eager_on_failure
+from models.compiled import compile_once
 
 
 def kl_rows(
@@ -42,17 +42,6 @@ def kl_rows(
         return total, None
     grad = log_p_student.exp_().sub_(p_teacher).mul_(temperature)  # d/ds of T^2 KL, s the undivided logits
     return total, grad.to(student_logits.dtype)
-
-
-_compiled_kl_rows = None
-
-
-def compiled_kl_rows():
-    """`kl_rows` under torch.compile, built once per process."""
-    global _compiled_kl_rows
-    if _compiled_kl_rows is None:  # falls back to eager if compiling fails (models/fused_linear_ce.py)
-        _compiled_kl_rows = eager_on_failure(torch.compile(kl_rows, fullgraph=True), kl_rows)
-    return _compiled_kl_rows
 
 
 class FusedLinearKL(torch.autograd.Function):
@@ -82,7 +71,7 @@ class FusedLinearKL(torch.autograd.Function):
         grad_hidden = torch.empty_like(h_all) if need_h else None
         total = torch.zeros((), dtype=acc, device=hidden.device)
         eager = not compile_rows or torch.compiler.is_compiling()
-        rows_fn = kl_rows if eager else compiled_kl_rows()
+        rows_fn = kl_rows if eager else compile_once(kl_rows, fullgraph=True)
         for start in range(0, h_all.shape[0], chunk_tokens):
             h = h_all[start : start + chunk_tokens]
             teacher_logits = (t_all[start : start + chunk_tokens] @ teacher_weight.t())[:, :vocab]

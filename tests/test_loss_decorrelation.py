@@ -119,14 +119,14 @@ def test_fp16_massive_bos_does_not_overflow():
 def test_compiled_loss_equals_eager_loss_and_gradients_at_two_lengths():
     """objective.decorr.compile: torch.compile (CPU Inductor here, dynamic shapes) gives the eager loss and
     gradients, with padding and a margin, for two batch shapes (the second reuses the dynamic graph)."""
-    from losses.decorrelation import compiled_bos_decorrelation_loss
+    from models.compiled import compile_once
 
     for length, seed in ((7, 0), (11, 1)):
         states = random_states(length=length, seed=seed)
         mask = torch.ones(3, length, dtype=torch.bool)
         mask[1, length - 3 :] = False  # padding
         results = []
-        for loss_fn in (bos_decorrelation_loss, compiled_bos_decorrelation_loss()):
+        for loss_fn in (bos_decorrelation_loss, compile_once(bos_decorrelation_loss, dynamic=True)):
             leaves = tuple(h.clone().requires_grad_(True) for h in states)
             loss = loss_fn(leaves, mask, [1, 2, 3], 0.05)
             loss.backward()
