@@ -199,3 +199,19 @@ def test_mask_in_output_false_needs_a_new_token(tiny_lm_factory):
     with pytest.raises(ValueError, match="mask_in_output=false needs"):
         MeapObjective(mask_in_output=False).setup(model, tokenizer)
 
+
+def test_benchmark_row_builds_the_input_only_recipe(tiny_lm_factory, tmp_path):
+    """benchmarks/fast_path.py lm1b's `meap_input_only` row: its recipe (--tiny: CPU, fast path without
+    CUDA) builds with the `[MASK]` row out of the output vocabulary and takes a training step."""
+    from types import SimpleNamespace
+
+    from benchmarks.fast_path import fixed_batches, lm_recipe, recipe_vocab
+
+    _, tokenizer = tiny_lm_factory()
+    tokenizer.save_pretrained(tmp_path)
+    recipe = lm_recipe("fast", "meap_input_only", SimpleNamespace(tiny=True, tokenizer=str(tmp_path)))
+    assert isinstance(recipe.llm.get_base_model().lm_head, EmbeddingPrefixHead)
+    assert recipe.objectives.objectives["meap"].mask_in_output is False
+    batch = fixed_batches(2, 16, recipe_vocab(recipe))
+    recipe.training_step(batch, 0).backward()
+    assert delta_param(recipe.llm).grad.abs().sum() > 0
