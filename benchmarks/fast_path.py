@@ -20,7 +20,8 @@ fast = `model.kernels=fast trainer=gpu_fast` (SFT rows padded to a multiple of 6
 lm1b: random Llama-3.2-1B shape (2048 wide, 16 layers, 32 heads, 8 KV heads, 8192 MLP, vocab 128256,
 tied), LoRA r16 on all linear layers, bf16 weights, bf16-mixed Lightning, one fixed random batch (first
 quarter of each row prompt). Rows: the bare HF+PEFT loop of objective_throughput.py (the baseline the
-issue names), the recipe on the plain path, the recipe on the fast path without and with each objective.
+issue names), the recipe on the plain path, the recipe on the fast path without and with each objective
+(`meap_input_only`: MEAP with `mask_in_output=false`, the `[MASK]` row out of the output vocabulary).
 
 packing: the recipe on the fast path at 1B shape, the same examples per step (batch of --pack-batch
 examples) padded to the longest (rounded to 64) or packed into rows of --pack-len; real (non-pad) tokens/s.
@@ -275,7 +276,7 @@ def random_llama(
 def build_objectives(name: str, backbone) -> dict:
     """objective_throughput.py's objectives (the same settings), plus LeaF, which needs the teacher: `leaf`
     with its fused KL from hidden states (`leaf_compiled`: its per-chunk softmaxes compiled), `leaf_logits`
-    with both models' full logits (the eighth session's row, 70.5 GiB at 1B)."""
+    with both models' full logits (the eighth session's row, 70.5 GiB at 1B); and `meap_input_only`."""
     if name in ("leaf", "leaf_compiled", "leaf_logits"):
         # teacher: the full-depth model; student: every other layer (as lm_leaf)
         from recipes.objectives.leaf import LeafDistillationObjective
@@ -286,6 +287,10 @@ def build_objectives(name: str, backbone) -> dict:
                 teacher=backbone, temperature=1.0, fused=fused, compile=compiled
             )
         }
+    if name == "meap_input_only":  # `meap` with objective.meap.mask_in_output=false: Liger can take the head
+        from recipes.objectives.meap import MeapObjective
+
+        return {"meap": MeapObjective(mode="pretrain", ratio=0.15, mask_in_output=False)}
     from benchmarks import objective_throughput as ot
 
     return ot.build_objectives(name)
@@ -467,12 +472,13 @@ def lm1b(args) -> list[dict]:
         "adl",
         "adl_compiled",
         "meap",
+        "meap_input_only",
         "leaf",
         "leaf_compiled",
         "leaf_logits",
     ):
         plan[objective] = partial(recipe_row, f"recipe fast + {objective}", "fast", objective, B, T, args)
-    default = ["bare", "plain", "fast", "liger", "chunked", "chunked_eager", "decorr", "decorr_compiled", "adl", "adl_compiled", "meap", "leaf", "leaf_compiled", "leaf_logits", "long", "long_adl", "long_adl_compiled"]  # fmt: skip
+    default = ["bare", "plain", "fast", "liger", "chunked", "chunked_eager", "decorr", "decorr_compiled", "adl", "adl_compiled", "meap", "meap_input_only", "leaf", "leaf_compiled", "leaf_logits", "long", "long_adl", "long_adl_compiled"]  # fmt: skip
     names = args.rows.split(",") if args.rows else [n for n in default if not (args.tiny and n == "liger")]
     return [plan[name]() for name in names]
 

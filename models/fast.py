@@ -11,8 +11,9 @@ teacher or a reference model built in the same process keeps the plain code):
   torch, any device; with a frozen head, as under LoRA, the gradient is computed in the forward pass:
   models/fused_linear_ce.py), `liger` (liger-kernel's fused linear cross-entropy, CUDA: the gradient is computed
   in the forward pass, no recomputation) or `auto` (liger where it imports, CUDA is present, the model is
-  at least 1024 wide and no embedding row trains through peft's trainable tokens, else chunked). Skipped
-  when an objective reads the logits (LeaF): that objective gets full logits and pays for them.
+  at least 1024 wide and no LM-head row trains through peft's trainable tokens, as MEAP's `[MASK]` does on
+  a tied head unless `objective.meap.mask_in_output=false`; else chunked). Skipped when an objective reads
+  the logits (LeaF): that objective gets full logits and pays for them.
   `ce_compile` runs the chunked loss's per-chunk softmax and gradient compiled (models/fused_linear_ce.py:
   eager torch spends about 46 bytes of memory traffic per logit there); null = on for models at least
   LIGER_MIN_HIDDEN wide on CUDA (where the loss is memory-bound), off below (SmolLM2: launch-bound, measured
@@ -119,6 +120,9 @@ def cross_entropy_mode(
     hidden_size: int | None = None,
 ) -> str:
     """The CE implementation to install: none | chunked | liger (see the module docstring for `auto`).
+
+    `trainable_tokens`: rows of the LM head train through peft's trainable tokens (Liger needs a plain
+    frozen head).
 
     `auto` picks liger only for Llama-family models (SmolLM2, Llama 3: its forward is Llama's) at least
     LIGER_MIN_HIDDEN wide; smaller models are faster with the chunked loss.

@@ -23,8 +23,11 @@ from torch.utils.checkpoint import checkpoint
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from models.fused_linear_ce import fused_linear_cross_entropy
+from models.output_vocabulary import EmbeddingPrefixHead
 from models.segments import IGNORE_INDEX
 from models.trainable_tokens import row_sparse_parts
+
+LINEAR_HEADS = (torch.nn.Linear, EmbeddingPrefixHead)
 
 
 def _chunk_loss_sum(lm_head: torch.nn.Module, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -35,11 +38,12 @@ def _chunk_loss_sum(lm_head: torch.nn.Module, hidden: torch.Tensor, labels: torc
 
 def frozen_head_parts(lm_head: torch.nn.Module):
     """(weight [V,D], rows [R] or None, delta [R,D] or None) when the fused loss can run this head: a
-    frozen, bias-free plain Linear, or peft's trainable tokens over one (row-sparse, one adapter); else None."""
+    frozen, bias-free plain Linear (or the embedding's first rows: models/output_vocabulary.py), or peft's
+    trainable tokens over one (row-sparse, one adapter); else None."""
     head = getattr(lm_head, "token_adapter", lm_head)  # peft's TrainableTokensWrapper around the layer
     tokens = hasattr(head, "trainable_tokens_delta")
     linear = getattr(head, "base_layer", None) if tokens else head
-    if not isinstance(linear, torch.nn.Linear) or linear.bias is not None or linear.weight.requires_grad:
+    if not isinstance(linear, LINEAR_HEADS) or linear.bias is not None or linear.weight.requires_grad:
         return None
     if type(linear.weight.data) is not torch.Tensor:  # a DTensor shard (FSDP): keep autograd there
         return None

@@ -49,6 +49,12 @@ def apply_lora(
     return model
 
 
+def head_gets_trainable_tokens(model: torch.nn.Module) -> bool:
+    """Whether peft's `trainable_token_indices` wrap the LM head as well as the embedding: peft does so for
+    a head tied to the embedding (`config.tie_word_embeddings`; models/output_vocabulary.py unties one)."""
+    return bool(getattr(model.config, "tie_word_embeddings", False))
+
+
 def set_trainable(model: torch.nn.Module, freeze: Sequence[str] = (), unfreeze: Sequence[str] = ()) -> None:
     """Freeze parameters whose names match any `freeze` regex, then unfreeze those matching `unfreeze`.
 

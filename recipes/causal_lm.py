@@ -15,6 +15,7 @@ from models import segments as seg
 from models.attention_capture import disable_capture
 from models.fast import mark_training_step
 from models.lora import log_parameter_counts
+from models.output_vocabulary import tied_for_saving
 from models.packing import check_packing, llm_inputs
 from models.segments import IGNORE_INDEX
 from recipes.checkpoint import gathered_part, keep_trainable_state
@@ -145,7 +146,8 @@ class CausalLMRecipe(L.LightningModule):
     def export(
         self, run_dir: str | Path, merged: bool = False, state_dict: dict | None = None
     ) -> dict[str, str]:
-        """Save the adapter in PEFT format (`adapter/`), the tokenizer, and optionally a merged model.
+        """Save the adapter in PEFT format (`adapter/`), the tokenizer, and optionally a merged model (a full
+        model with an input-only `[MASK]` is saved tied: models/output_vocabulary.py, tied_for_saving).
         state_dict: trainable weights gathered under FSDP (`harness/fsdp.py`); None reads the module."""
         run_dir = Path(run_dir)
         disable_capture(self.llm)
@@ -156,12 +158,13 @@ class CausalLMRecipe(L.LightningModule):
             self.tokenizer.save_pretrained(run_dir / "adapter")
             paths["adapter"] = str(run_dir / "adapter")
             if merged:
-                merged_model = self.llm.merge_and_unload()
-                merged_model.save_pretrained(run_dir / "merged")
+                with tied_for_saving(self.llm.merge_and_unload()) as merged_model:
+                    merged_model.save_pretrained(run_dir / "merged")
                 self.tokenizer.save_pretrained(run_dir / "merged")
                 paths["merged"] = str(run_dir / "merged")
         else:
-            self.llm.save_pretrained(run_dir / "model")
+            with tied_for_saving(self.llm):
+                self.llm.save_pretrained(run_dir / "model")
             self.tokenizer.save_pretrained(run_dir / "model")
             paths["model"] = str(run_dir / "model")
         return paths

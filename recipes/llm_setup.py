@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 
 from models import fast as fastpath
-from models.lora import apply_lora, set_trainable
+from models.lora import apply_lora, head_gets_trainable_tokens, set_trainable
 from recipes.objectives.compose import ObjectiveSet
 
 
@@ -21,15 +21,16 @@ def prepare_llm(
     """Return (llm, tokenizer) ready to train.
 
     Objectives set up before LoRA (MEAP adds `[MASK]` and its row stays trainable through peft's
-    trainable tokens); the model is put in train mode because `from_pretrained` returns eval mode and
-    Lightning keeps submodule modes as it finds them. `kernels=fast` applies models/fast.py around LoRA.
+    trainable tokens, on the LM head too when the head is tied to the embedding); the model is put in train
+    mode because `from_pretrained` returns eval mode and Lightning keeps submodule modes as it finds them. `kernels=fast` applies models/fast.py around LoRA.
     """
     settings = fastpath.resolve_fast_path(kernels, fast)
     llm, tokenizer = backbone()
     extra_tokens = objectives.setup(llm, tokenizer)
     if settings is not None:
         needs_logits = any(getattr(o, "needs_logits", False) for o in objectives.objectives.values())
-        fastpath.apply_before_lora(llm, settings, needs_logits, bool(extra_tokens))
+        head_trains = bool(extra_tokens) and head_gets_trainable_tokens(llm)
+        fastpath.apply_before_lora(llm, settings, needs_logits, head_trains)
     if lora is not None:
         if settings is not None:
             lora = {**lora, "dropout": settings.lora_dropout}

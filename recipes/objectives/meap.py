@@ -1,7 +1,17 @@
 """MEAP as a recipe objective (docs/objectives.md): it changes the data; cross-entropy does the learning.
 
 `setup` adds a `[MASK]` special token and resizes the embeddings; the recipe keeps that row trainable
-under LoRA (peft `trainable_token_indices`, saved with the adapter). `transform_batch` masks the batch:
+under LoRA (peft `trainable_token_indices`, saved with the adapter). `mask_in_output` says whether the
+output vocabulary grows with it:
+- true (default): the models are tied, so peft's trainable tokens wrap the LM head too; the `[MASK]` row
+  and the padding rows of `grow_embeddings` are in the softmax (a frozen head with a trainable row: the fast
+  path's `auto` loss then takes the chunked CE, not Liger's);
+- false: `[MASK]` is an input-only token. The output vocabulary is the original rows only
+  (models/output_vocabulary.py: the head is the frozen embedding's first V_orig rows, untied from peft's
+  wrapper), so the model can never predict `[MASK]`; as `[MASK]` is never a target, the loss and gradients
+  are exact for that model. The head is then plain and frozen, so the fast path's `auto` loss may pick
+  Liger's fused linear cross-entropy (a 1B-wide Llama on CUDA).
+`transform_batch` masks the batch:
 - pretrain: a fraction of every row's target positions (except position 0) becomes `[MASK]`; labels stay;
 - sft: rows whose answer has more than `min_answer_tokens` tokens get a masked copy appended to the batch
   (answer positions only; the copy is trained only on the masked positions).
@@ -15,6 +25,7 @@ from __future__ import annotations
 import torch
 
 from losses.meap import MODES, meap_mask
+from models.output_vocabulary import restrict_output_vocabulary
 from models.segments import IGNORE_INDEX
 from recipes.objectives.base import Objective, ObjectiveContext
 
@@ -48,6 +59,8 @@ class MeapObjective(Objective):
     ratio: fraction of eligible positions masked (default 0.15 pretrain, 0.1 sft).
     min_answer_tokens: sft only; rows whose answer has more tokens than this get a masked copy (ref: 50).
     mask_token: the special token added to the tokenizer (an existing mask token is reused).
+    mask_in_output: false = `[MASK]` is input-only: logits cover the V_orig rows the embedding had before
+        `setup` grew it (module docstring); it must then be a new token beyond them.
     weight: 0 by default: the logged "loss" is the masked fraction, a statistic, not something to minimise.
     """
 
@@ -60,6 +73,7 @@ class MeapObjective(Objective):
         ratio: float | None = None,
         min_answer_tokens: int = 50,
         mask_token: str = "[MASK]",
+        mask_in_output: bool = True,
         weight: float = 0.0,
         warmup_steps: int = 0,
         start_step: int = 0,
@@ -71,13 +85,22 @@ class MeapObjective(Objective):
         self.ratio = float(DEFAULT_RATIO[mode] if ratio is None else ratio)
         self.min_answer_tokens = int(min_answer_tokens)
         self.mask_token = mask_token
+        self.mask_in_output = bool(mask_in_output)
         self.mask_token_id: int | None = None
 
     def setup(self, model: torch.nn.Module, tokenizer) -> list[int]:
+        original_rows = model.get_input_embeddings().weight.shape[0]
         if tokenizer.mask_token is None:
             tokenizer.add_special_tokens({"mask_token": self.mask_token})
         self.mask_token_id = int(tokenizer.mask_token_id)
         grow_embeddings(model, self.mask_token_id + 1)
+        if not self.mask_in_output:
+            if self.mask_token_id < original_rows:
+                raise ValueError(
+                    f"meap.mask_in_output=false needs {self.mask_token!r} outside the model's {original_rows} "
+                    f"original rows (its id is {self.mask_token_id}): it would stay in the output vocabulary"
+                )
+            restrict_output_vocabulary(model, original_rows)
         return [self.mask_token_id]
 
     def transform_batch(self, batch: dict, generator: torch.Generator | None) -> dict:
