@@ -250,6 +250,11 @@ def random_llama(
     from models.causal_lm import load_tokenizer
 
     tokenizer = load_tokenizer(tokenizer_source)
+    if shape["vocab_size"] and shape["vocab_size"] > len(tokenizer):
+        # The model's rows are all tokens, as in Llama 3 (its last 256 are reserved specials): a token MEAP
+        # adds gets the next id and a new row, as it would with Llama 3's own tokenizer.
+        fillers = [f"<|reserved_{i}|>" for i in range(shape["vocab_size"] - len(tokenizer))]
+        tokenizer.add_tokens(fillers, special_tokens=True)
     config = LlamaConfig(
         vocab_size=shape["vocab_size"] or len(tokenizer),
         hidden_size=shape["hidden_size"],
