@@ -21,8 +21,9 @@ def prepare_llm(
     """Return (llm, tokenizer) ready to train.
 
     Objectives set up before LoRA (MEAP adds `[MASK]` and its row stays trainable through peft's
-    trainable tokens, on the LM head too when the head is tied to the embedding); the model is put in train
-    mode because `from_pretrained` returns eval mode and Lightning keeps submodule modes as it finds them. `kernels=fast` applies models/fast.py around LoRA.
+    trainable tokens, on the LM head too when the head is tied to the embedding); the model is put in
+    train mode because `from_pretrained` returns eval mode and Lightning keeps submodule modes as it finds
+    them. `kernels=fast` applies models/fast.py around LoRA.
     """
     settings = fastpath.resolve_fast_path(kernels, fast)
     llm, tokenizer = backbone()
