@@ -43,6 +43,14 @@ def compile_once(function: Callable, **options) -> Callable:
     return _cache[key]
 
 
+def compiled_unless_tracing(function: Callable, enabled: bool, **options) -> Callable:
+    """`compile_once(function, **options)` when `enabled`, else `function`; also `function` while torch.compile
+    traces the caller (the fused losses inside a compiled region: traced there anyway)."""
+    if not enabled or torch.compiler.is_compiling():
+        return function
+    return compile_once(function, **options)
+
+
 def is_compiled(function: Callable) -> bool:
     """Whether `compile_once(function, ...)` has been built in this process (tests check that it was used)."""
     return any(key[0] is function for key in _cache)

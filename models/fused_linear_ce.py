@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import torch
 
-from models.compiled import compile_once
+from models.compiled import compiled_unless_tracing
 from models.segments import IGNORE_INDEX
 
 
@@ -88,8 +88,7 @@ class FusedLinearCrossEntropy(torch.autograd.Function):
             torch.zeros(delta.shape, dtype=torch.float32, device=delta.device) if need_delta else None
         )
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
-        eager = not compile_rows or torch.compiler.is_compiling()  # inside a compiled region: traced anyway
-        rows_fn = softmax_rows if eager else compile_once(softmax_rows, fullgraph=True)
+        rows_fn = compiled_unless_tracing(softmax_rows, compile_rows, fullgraph=True)
         for start in range(0, h_all.shape[0], chunk_tokens):
             h = h_all[start : start + chunk_tokens]
             y = labels[start : start + chunk_tokens]

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import torch
 
-from models.compiled import compile_once
+from models.compiled import compiled_unless_tracing
 
 
 def kl_rows(
@@ -70,8 +70,7 @@ class FusedLinearKL(torch.autograd.Function):
         t_all = teacher_hidden.to(teacher_weight.dtype)
         grad_hidden = torch.empty_like(h_all) if need_h else None
         total = torch.zeros((), dtype=acc, device=hidden.device)
-        eager = not compile_rows or torch.compiler.is_compiling()
-        rows_fn = kl_rows if eager else compile_once(kl_rows, fullgraph=True)
+        rows_fn = compiled_unless_tracing(kl_rows, compile_rows, fullgraph=True)
         for start in range(0, h_all.shape[0], chunk_tokens):
             h = h_all[start : start + chunk_tokens]
             teacher_logits = (t_all[start : start + chunk_tokens] @ teacher_weight.t())[:, :vocab]

@@ -2,7 +2,13 @@
 
 import torch
 
-from models.compiled import COMPILE_MIN_HIDDEN, compile_by_default, compile_once, eager_on_failure
+from models.compiled import (
+    COMPILE_MIN_HIDDEN,
+    compile_by_default,
+    compile_once,
+    compiled_unless_tracing,
+    eager_on_failure,
+)
 
 
 def test_compile_by_default_follows_the_setting_else_cuda_and_width():
@@ -21,6 +27,20 @@ def test_compile_once_builds_one_function_per_function_and_options():
     assert compile_once(double, dynamic=True) is first
     assert compile_once(double, fullgraph=True) is not first
     torch.testing.assert_close(first(torch.arange(3.0)), torch.tensor([0.0, 2.0, 4.0]))
+
+
+def test_compiled_unless_tracing_gives_the_plain_function_when_off_or_traced():
+    def halve(x):
+        return x / 2
+
+    assert compiled_unless_tracing(halve, False) is halve
+    assert compiled_unless_tracing(halve, True, dynamic=True) is compile_once(halve, dynamic=True)
+
+    def caller(x):  # traced by torch.compile: the inner choice must be the plain function
+        return compiled_unless_tracing(halve, True, dynamic=True)(x) + 1
+
+    traced = torch.compile(caller, backend="eager", fullgraph=True)
+    torch.testing.assert_close(traced(torch.ones(2)), torch.full((2,), 1.5))
 
 
 def test_a_compile_failure_falls_back_to_eager_once_and_says_why(caplog):

@@ -98,12 +98,13 @@ class AttentionDiversityObjective(Objective):
         attention_mask = ctx.batch["attention_mask"]
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + int(ctx.sample_key))
         positions = sample_query_positions(attention_mask, self.num_rows, generator)
+        query = next(iter(ctx.attention.values())).query  # [B,H,T,hd]: H * hd is the model's width
+        compiled = compile_by_default(self.compile, query.device, query.shape[1] * query.shape[-1])
         per_layer = []
         for layer in sorted(ctx.attention) if self.layers is None else self.layers:
-            captured = ctx.attention[layer]
-            query = captured.query  # [B,H,T,hd]: H * hd is the model's width
-            compiled = compile_by_default(self.compile, query.device, query.shape[1] * query.shape[-1])
-            probs = sampled_head_mean_probs(captured, positions, attention_mask, self.causal, compiled)
+            probs = sampled_head_mean_probs(
+                ctx.attention[layer], positions, attention_mask, self.causal, compiled
+            )
             per_layer.append(
                 attention_diversity_loss(probs, self.threshold, self.causal, positions, attention_mask)
             )
